@@ -1,0 +1,194 @@
+// Command policyd brings qpsmtpd-style rules to Postfix and Sendmail over
+// the policy delegation and milter protocols.
+package main
+
+import (
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"io/fs"
+	"log/slog"
+	"os"
+	"runtime/debug"
+	"strings"
+	"time"
+
+	"github.com/policyd-mail/policyd/rules"
+	_ "github.com/policyd-mail/policyd/rules/all"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = ""
+
+func main() {
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
+
+func run(args []string, stdout, stderr io.Writer) int {
+	cmd := "serve"
+	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
+		cmd, args = args[0], args[1:]
+	}
+	switch cmd {
+	case "serve":
+		return serve(args, stderr)
+	case "check":
+		return check(args, stdout, stderr)
+	case "version":
+		fmt.Fprintln(stdout, "policyd", versionString())
+		return 0
+	case "help":
+		usage(stdout)
+		return 0
+	}
+	fmt.Fprintf(stderr, "policyd: unknown command %q\n", cmd)
+	usage(stderr)
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprint(w, `usage: policyd [serve] [flags]     run the daemon (policyd serve -h for flags)
+       policyd check [--config DIR]  validate a config directory, print the chain
+       policyd version
+`)
+}
+
+func versionString() string {
+	v := version
+	bi, ok := debug.ReadBuildInfo()
+	if v == "" && ok {
+		v = bi.Main.Version
+		for _, s := range bi.Settings {
+			if s.Key == "vcs.revision" && len(s.Value) >= 12 {
+				v += " " + s.Value[:12]
+			}
+		}
+	}
+	if ok {
+		v += " " + bi.GoVersion
+	}
+	return strings.TrimSpace(v)
+}
+
+// options are the daemon's flags (SPEC §2).
+type options struct {
+	config       string
+	policyListen string
+	milterListen string
+	httpListen   string
+	storeURL     string
+	stateDir     string
+	storeTimeout time.Duration
+	onStoreError string
+	adminToken   string
+	dryRun       bool
+	logFormat    string
+	logLevel     string
+	drainTimeout time.Duration
+	policyDelay  time.Duration
+}
+
+func (o *options) register(fs *flag.FlagSet) {
+	fs.StringVar(&o.config, "config", "", "config directory (default ./config if it exists, else the built-in chain)")
+	fs.StringVar(&o.policyListen, "policy-listen", "127.0.0.1:10040", "policy delegation listener, host:port or unix:/path; empty disables")
+	fs.StringVar(&o.milterListen, "milter-listen", "127.0.0.1:10041", "milter listener, host:port or unix:/path; empty disables")
+	fs.StringVar(&o.httpListen, "http-listen", "127.0.0.1:10042", "HTTP listener for /healthz and /readyz; empty disables")
+	fs.StringVar(&o.storeURL, "store", "memory", "store: memory (embedded)")
+	fs.StringVar(&o.stateDir, "state-dir", "./state", "where the embedded store persists its data")
+	fs.DurationVar(&o.storeTimeout, "store-timeout", 100*time.Millisecond, "bound on every store call")
+	fs.StringVar(&o.onStoreError, "on-store-error", "continue", "answer when the store fails: continue or tempfail")
+	fs.StringVar(&o.adminToken, "admin-token-file", "", "bearer token file for the admin API")
+	fs.BoolVar(&o.dryRun, "dry-run", false, "decide, log and count everything, but tell the MTA to continue")
+	fs.StringVar(&o.logFormat, "log-format", "text", "log format: text or json")
+	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
+	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "how long SIGTERM waits for open requests")
+	fs.DurationVar(&o.policyDelay, "policy-max-delay", 8*time.Second, "cap on a rule's delay behind the policy protocol; keep it under smtpd_policy_service_timeout")
+}
+
+// parseFlags parses args, then fills every flag not given from its
+// POLICYD_<NAME> environment twin: flags win over the environment.
+func parseFlags(fs *flag.FlagSet, args []string, env func(string) string) error {
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() > 0 {
+		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	given := map[string]bool{}
+	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })
+	var errs []error
+	fs.VisitAll(func(f *flag.Flag) {
+		if given[f.Name] {
+			return
+		}
+		name := "POLICYD_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		if v := env(name); v != "" {
+			if err := f.Value.Set(v); err != nil {
+				errs = append(errs, fmt.Errorf("%s=%q: %w", name, v, err))
+			}
+		}
+	})
+	return errors.Join(errs...)
+}
+
+func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
+	var lv slog.Level
+	if err := lv.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("log-level: %q is not debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: lv}
+	switch format {
+	case "text":
+		return slog.New(slog.NewTextHandler(w, opts)), nil
+	case "json":
+		return slog.New(slog.NewJSONHandler(w, opts)), nil
+	}
+	return nil, fmt.Errorf("log-format: %q is neither text nor json", format)
+}
+
+// configDir resolves --config: the given directory, else ./config if it
+// exists, else the built-in chain.
+func configDir(dir string) (fs.FS, string, error) {
+	if dir == "" {
+		if fi, err := os.Stat("config"); err == nil && fi.IsDir() {
+			dir = "config"
+		} else {
+			return rules.DefaultConfig(), "(built-in)", nil
+		}
+	}
+	fi, err := os.Stat(dir)
+	if err != nil {
+		return nil, "", fmt.Errorf("config directory: %w", err)
+	}
+	if !fi.IsDir() {
+		return nil, "", fmt.Errorf("config directory: %s is not a directory", dir)
+	}
+	return os.DirFS(dir), dir, nil
+}
+
+func check(args []string, stdout, stderr io.Writer) int {
+	fset := flag.NewFlagSet("policyd check", flag.ContinueOnError)
+	fset.SetOutput(stderr)
+	dir := fset.String("config", "", "config directory to check")
+	if err := parseFlags(fset, args, os.Getenv); err != nil {
+		fmt.Fprintln(stderr, "policyd check:", err)
+		return 2
+	}
+	fsys, name, err := configDir(*dir)
+	if err != nil {
+		fmt.Fprintln(stderr, "policyd check:", err)
+		return 1
+	}
+	c, warns, err := rules.Load(fsys, name, rules.Options{})
+	for _, w := range warns {
+		fmt.Fprintln(stdout, w.Error())
+	}
+	if err != nil {
+		fmt.Fprintln(stdout, err.Error())
+		return 1
+	}
+	fmt.Fprintf(stdout, "%s: OK, %d rules\n", name, len(c.Rules()))
+	fmt.Fprint(stdout, c.Describe())
+	return 0
+}

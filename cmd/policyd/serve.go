@@ -1,0 +1,231 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/policyd-mail/policyd/internal/listen"
+	"github.com/policyd-mail/policyd/postfixpolicy"
+	"github.com/policyd-mail/policyd/rules"
+	"github.com/policyd-mail/policyd/store"
+	"github.com/policyd-mail/policyd/store/memory"
+)
+
+func serve(args []string, stderr io.Writer) int {
+	var o options
+	fset := flag.NewFlagSet("policyd serve", flag.ContinueOnError)
+	fset.SetOutput(stderr)
+	o.register(fset)
+	if err := parseFlags(fset, args, os.Getenv); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		fmt.Fprintln(stderr, "policyd:", err)
+		return 2
+	}
+	log, err := newLogger(stderr, o.logFormat, o.logLevel)
+	if err != nil {
+		fmt.Fprintln(stderr, "policyd:", err)
+		return 2
+	}
+	d, err := start(o, log)
+	if err != nil {
+		log.Error("policyd cannot start", "err", err)
+		return 1
+	}
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
+	for sig := range sigs {
+		if sig == syscall.SIGHUP {
+			d.reload()
+			continue
+		}
+		log.Info("stopping: no new connections, finishing open requests", "signal", sig.String(), "timeout", o.drainTimeout)
+		break
+	}
+	if err := d.stop(o.drainTimeout); err != nil {
+		log.Error("stopped with open requests cut short", "err", err)
+		return 0
+	}
+	log.Info("stopped")
+	return 0
+}
+
+// daemon is a running policyd: its chain, store and front-ends.
+type daemon struct {
+	o      options
+	log    *slog.Logger
+	opts   rules.Options // what every chain is built with
+	chain  atomic.Pointer[rules.Chain]
+	store  store.Store
+	policy *postfixpolicy.Server
+	httpd  *http.Server
+	wg     sync.WaitGroup
+	ready  atomic.Bool
+}
+
+func openStore(o options) (store.Store, error) {
+	switch {
+	case o.storeURL == "memory":
+		// Persistence under --state-dir arrives with the persisted
+		// embedded store; until then counters live in memory only.
+		return memory.New(memory.Options{}), nil
+	case strings.HasPrefix(o.storeURL, "redis"):
+		return nil, fmt.Errorf("store %q: the Redis backend is not built yet; use --store memory", o.storeURL)
+	}
+	return nil, fmt.Errorf("store %q: not a store URL (memory, redis://host:port/db)", o.storeURL)
+}
+
+func start(o options, log *slog.Logger) (*daemon, error) {
+	policy, err := rules.ParseStoreErrorPolicy(o.onStoreError)
+	if err != nil {
+		return nil, err
+	}
+	st, err := openStore(o)
+	if err != nil {
+		return nil, err
+	}
+	d := &daemon{o: o, log: log, store: st}
+	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun}
+	c, err := d.load()
+	if err != nil {
+		st.Close()
+		return nil, err
+	}
+	d.chain.Store(c)
+	if o.milterListen != "" {
+		log.Warn("the milter front-end is not built yet; --milter-listen is ignored", "milter_listen", o.milterListen)
+	}
+	var lns []net.Listener
+	fail := func(err error) (*daemon, error) {
+		for _, ln := range lns {
+			ln.Close()
+		}
+		st.Close()
+		return nil, err
+	}
+	if o.policyListen != "" {
+		ln, err := listen.Listen(o.policyListen)
+		if err != nil {
+			return fail(err)
+		}
+		lns = append(lns, ln)
+		d.policy = postfixpolicy.New(postfixpolicy.Config{Logger: log, MaxDelay: o.policyDelay}, d.chain.Load)
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := d.policy.Serve(ln); err != nil {
+				log.Error("policy listener failed", "err", err)
+				d.ready.Store(false)
+			}
+		}()
+		log.Info("policy delegation listening", "addr", ln.Addr().String())
+	}
+	if o.httpListen != "" {
+		ln, err := listen.Listen(o.httpListen)
+		if err != nil {
+			return fail(err)
+		}
+		d.httpd = &http.Server{Handler: d.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := d.httpd.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				log.Error("http listener failed", "err", err)
+			}
+		}()
+		log.Info("http listening", "addr", ln.Addr().String())
+	}
+	d.ready.Store(true)
+	return d, nil
+}
+
+// load builds a chain from the config directory and logs it.
+func (d *daemon) load() (*rules.Chain, error) {
+	fsys, name, err := configDir(d.o.config)
+	if err != nil {
+		return nil, err
+	}
+	c, warns, err := rules.Load(fsys, name, d.opts)
+	for _, w := range warns {
+		d.log.Warn("config", "problem", w.Error())
+	}
+	if err != nil {
+		var ce rules.ConfigErrors
+		if errors.As(err, &ce) {
+			for _, e := range ce {
+				d.log.Error("config", "problem", e.Error())
+			}
+			return nil, fmt.Errorf("%s: %d problems in the configuration", name, len(ce))
+		}
+		return nil, err
+	}
+	d.log.Info("chain loaded", "config", name, "rules", strings.Join(c.Rules(), ","))
+	for _, line := range strings.Split(strings.TrimSpace(c.Describe()), "\n") {
+		d.log.Info("chain", "rule", line)
+	}
+	return c, nil
+}
+
+// reload builds the new chain aside; a bad config keeps the old one.
+func (d *daemon) reload() {
+	c, err := d.load()
+	if err != nil {
+		d.log.Error("reload refused, the previous chain keeps running", "err", err)
+		return
+	}
+	d.chain.Store(c)
+	d.log.Info("reloaded")
+}
+
+func (d *daemon) httpHandler() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
+		io.WriteString(w, "ok\n")
+	})
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !d.ready.Load() {
+			http.Error(w, "not ready: a listener is down", http.StatusServiceUnavailable)
+			return
+		}
+		io.WriteString(w, "ready\n")
+	})
+	return mux
+}
+
+// stop drains the front-ends within timeout, then closes the store.
+func (d *daemon) stop(timeout time.Duration) error {
+	d.ready.Store(false)
+	ctx, cancel := context.WithTimeout(context.Background(), timeout)
+	defer cancel()
+	var errs []error
+	if d.policy != nil {
+		if err := d.policy.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("policy: %w", err))
+		}
+	}
+	if d.httpd != nil {
+		if err := d.httpd.Shutdown(ctx); err != nil {
+			errs = append(errs, fmt.Errorf("http: %w", err))
+		}
+	}
+	d.wg.Wait()
+	if err := d.store.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("store: %w", err))
+	}
+	return errors.Join(errs...)
+}

@@ -1,0 +1,3 @@
+module github.com/policyd-mail/policyd
+
+go 1.26

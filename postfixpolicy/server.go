@@ -1,0 +1,373 @@
+package postfixpolicy
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"io"
+	"log/slog"
+	"net"
+	"net/netip"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/policyd-mail/policyd/internal/ratelog"
+	"github.com/policyd-mail/policyd/rules"
+)
+
+// Config tunes the server. Zero values take the defaults.
+type Config struct {
+	Limits Limits
+	// IdleTimeout bounds the wait for the next request on a connection.
+	// Postfix closes its own side after smtpd_policy_service_max_idle
+	// (300s), so ours is a little longer.
+	IdleTimeout time.Duration
+	// RequestTimeout bounds the rest of a request once its first line came.
+	RequestTimeout time.Duration
+	// WriteTimeout bounds writing a reply.
+	WriteTimeout time.Duration
+	// MaxDelay caps a rule's delay; keep it well under Postfix's
+	// smtpd_policy_service_timeout (100s by default, 10s recommended).
+	MaxDelay time.Duration
+	// MaxConns bounds open connections per listener.
+	MaxConns int
+	// SessionIdle ends a tracked SMTP session after this long without a
+	// request; MaxSessions bounds how many are tracked.
+	SessionIdle time.Duration
+	MaxSessions int
+	Logger      *slog.Logger
+	Clock       rules.Clock
+}
+
+func (c *Config) defaults() {
+	if c.Limits.MaxLine == 0 {
+		c.Limits.MaxLine = DefaultLimits.MaxLine
+	}
+	if c.Limits.MaxAttrs == 0 {
+		c.Limits.MaxAttrs = DefaultLimits.MaxAttrs
+	}
+	if c.Limits.MaxRequest == 0 {
+		c.Limits.MaxRequest = DefaultLimits.MaxRequest
+	}
+	setDur(&c.IdleTimeout, 330*time.Second)
+	setDur(&c.RequestTimeout, 10*time.Second)
+	setDur(&c.WriteTimeout, 10*time.Second)
+	setDur(&c.MaxDelay, 8*time.Second)
+	setDur(&c.SessionIdle, 10*time.Minute)
+	if c.MaxConns == 0 {
+		c.MaxConns = 1000
+	}
+	if c.MaxSessions == 0 {
+		c.MaxSessions = 100000
+	}
+	if c.Logger == nil {
+		c.Logger = slog.New(slog.DiscardHandler)
+	}
+	if c.Clock == nil {
+		c.Clock = rules.SystemClock{}
+	}
+}
+
+func setDur(d *time.Duration, def time.Duration) {
+	if *d == 0 {
+		*d = def
+	}
+}
+
+// Server answers Postfix policy requests.
+type Server struct {
+	cfg     Config
+	chain   func() *rules.Chain // the current chain, for new sessions
+	tracker *tracker
+	log     *slog.Logger
+
+	mu        sync.Mutex
+	listeners map[net.Listener]struct{}
+	conns     map[*conn]struct{}
+	shutting  atomic.Bool
+	wg        sync.WaitGroup // connection goroutines
+	stop      chan struct{}  // stops the session sweeper
+	sweepDone chan struct{}
+	connSeq   atomic.Uint64
+	dropLog   *ratelog.Limiter
+}
+
+// New makes a server. chain returns the chain new sessions start on, so a
+// reload is a swap behind that function.
+func New(cfg Config, chain func() *rules.Chain) *Server {
+	cfg.defaults()
+	s := &Server{
+		cfg:       cfg,
+		chain:     chain,
+		log:       cfg.Logger.With("protocol", "policy"),
+		listeners: map[net.Listener]struct{}{},
+		conns:     map[*conn]struct{}{},
+		stop:      make(chan struct{}),
+		sweepDone: make(chan struct{}),
+		dropLog:   ratelog.New(time.Second),
+	}
+	s.tracker = newTracker(cfg.MaxSessions, cfg.SessionIdle, s.endSession)
+	go s.sweep()
+	return s
+}
+
+// sweep ends idle sessions in the background so their disconnect hooks
+// run even when no request comes to trigger the check.
+func (s *Server) sweep() {
+	defer close(s.sweepDone)
+	t := time.NewTicker(s.cfg.SessionIdle / 10)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+			s.tracker.expire(s.cfg.Clock.Now())
+		}
+	}
+}
+
+// endSession runs the hooks of a session the policy protocol will never
+// report the end of: a transaction reset if one is open, then disconnect.
+func (s *Server) endSession(ts *tracked) {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.closed {
+		return
+	}
+	ts.closed = true
+	ctx := context.Background()
+	c := ts.s.Chain()
+	if ts.txnOpen && !ts.txnDone {
+		c.Run(ctx, rules.HookResetTransaction, ts.s)
+	}
+	if ts.connected {
+		c.Run(ctx, rules.HookDisconnect, ts.s)
+	}
+}
+
+// Sessions is the number of SMTP sessions being tracked.
+func (s *Server) Sessions() int { return s.tracker.len() }
+
+// Serve accepts connections on ln until Shutdown.
+func (s *Server) Serve(ln net.Listener) error {
+	s.mu.Lock()
+	if s.shutting.Load() {
+		s.mu.Unlock()
+		return net.ErrClosed
+	}
+	s.listeners[ln] = struct{}{}
+	s.mu.Unlock()
+	sem := make(chan struct{}, s.cfg.MaxConns)
+	var backoff time.Duration
+	for {
+		nc, err := ln.Accept()
+		if err != nil {
+			if s.shutting.Load() || errors.Is(err, net.ErrClosed) {
+				return nil
+			}
+			// Out of descriptors and the like: wait and go on, as
+			// net/http does, rather than stop serving.
+			s.log.Error("policy accept failed", "err", err)
+			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		select {
+		case sem <- struct{}{}:
+		default:
+			if n, ok := s.dropLog.Allow(time.Now()); ok {
+				s.log.Warn("too many policy connections, closing new one", "limit", s.cfg.MaxConns, "remote", nc.RemoteAddr().String(), "suppressed", n)
+			}
+			nc.Close()
+			continue
+		}
+		c := &conn{nc: nc, id: s.connSeq.Add(1)}
+		s.mu.Lock()
+		if s.shutting.Load() {
+			s.mu.Unlock()
+			nc.Close()
+			<-sem
+			return nil
+		}
+		s.conns[c] = struct{}{}
+		s.wg.Add(1)
+		s.mu.Unlock()
+		go func() {
+			defer func() { <-sem }()
+			s.serveConn(c)
+		}()
+	}
+}
+
+// conn is one Postfix connection; busy is set while a request is being
+// answered, so shutdown closes idle connections at once and lets busy
+// ones finish their request.
+type conn struct {
+	nc   net.Conn
+	id   uint64
+	mu   sync.Mutex
+	busy bool
+	shut bool
+}
+
+func (c *conn) setBusy(b bool) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	c.busy = b
+	return !c.shut
+}
+
+func (s *Server) serveConn(c *conn) {
+	defer func() {
+		if p := recover(); p != nil {
+			s.log.Error("policy connection panicked", "remote", c.nc.RemoteAddr().String(), "panic", p)
+		}
+		c.nc.Close()
+		s.mu.Lock()
+		delete(s.conns, c)
+		s.mu.Unlock()
+		s.wg.Done()
+	}()
+	remote := c.nc.RemoteAddr().String()
+	rd := newReader(c.nc, s.cfg.Limits, func() {
+		c.setBusy(true)
+		_ = c.nc.SetReadDeadline(time.Now().Add(s.cfg.RequestTimeout))
+	})
+	bw := bufio.NewWriterSize(c.nc, 512)
+	var req Request
+	for {
+		_ = c.nc.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
+		err := rd.read(&req)
+		if err != nil {
+			if !errors.Is(err, io.EOF) && !s.shutting.Load() {
+				s.log.Warn("policy connection dropped", "remote", remote, "reason", err.Error())
+			}
+			return
+		}
+		act, delay := s.answer(&req, c.id)
+		if delay > 0 {
+			if !s.hold(delay) {
+				return
+			}
+		}
+		_ = c.nc.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+		bw.WriteString("action=")
+		bw.WriteString(act)
+		bw.WriteString("\n\n")
+		if err := bw.Flush(); err != nil {
+			s.log.Warn("policy reply not written", "remote", remote, "err", err)
+			return
+		}
+		if !c.setBusy(false) {
+			return
+		}
+	}
+}
+
+// hold waits for a rule's delay, cut short by shutdown.
+func (s *Server) hold(d time.Duration) bool {
+	t := time.NewTimer(min(d, s.cfg.MaxDelay))
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-s.stop:
+		return true // answer anyway: the request was accepted before shutdown
+	}
+}
+
+// answer turns one request into its action and delay.
+func (s *Server) answer(req *Request, connID uint64) (string, time.Duration) {
+	st, ok := stageOf(req.ProtocolState)
+	if !ok {
+		s.log.Warn("unknown protocol_state, answering DUNNO", "protocol_state", req.ProtocolState, "client", req.ClientAddress)
+		return "DUNNO", 0
+	}
+	if req.Request != "smtpd_access_policy" {
+		s.log.Warn("not an smtpd_access_policy request, answering DUNNO", "request", req.Request)
+		return "DUNNO", 0
+	}
+	addr, err := netip.ParseAddr(req.ClientAddress)
+	if err != nil {
+		s.log.Warn("request without a usable client_address, answering DUNNO", "client_address", req.ClientAddress)
+		return "DUNNO", 0
+	}
+	key := sessionKey{client: req.ClientAddress, port: req.ClientPort, server: req.ServerAddress, sport: req.ServerPort}
+	if key.port == "" {
+		// Postfix before 3.0 sends no client_port: one connection then
+		// stands for one smtpd process, which serves one session at a time.
+		key.port = "conn-" + strconv.FormatUint(connID, 10)
+	}
+	ctx := context.Background()
+	for {
+		ts := s.tracker.get(key, s.cfg.Clock.Now(), func() *rules.Session {
+			port, _ := strconv.Atoi(req.ClientPort)
+			sess := rules.NewSession(s.chain(), "policy", addr, port, s.cfg.Clock.Now())
+			sess.ID = key.client + ":" + key.port
+			return sess
+		})
+		ts.mu.Lock()
+		if ts.closed {
+			// Evicted between lookup and lock: start afresh.
+			ts.mu.Unlock()
+			continue
+		}
+		fillSession(ts.s, req)
+		o := replay(ctx, ts, req, st)
+		ts.mu.Unlock()
+		return action(o.d), o.delay
+	}
+}
+
+func fillSession(sess *rules.Session, req *Request) {
+	if req.ClientName != "" {
+		sess.ClientName = req.ClientName
+	}
+	if req.SASLUsername != "" {
+		sess.AuthUser = req.SASLUsername
+	}
+}
+
+// Shutdown stops accepting, closes idle connections, lets requests in
+// progress finish (until ctx ends), then ends tracked sessions.
+func (s *Server) Shutdown(ctx context.Context) error {
+	s.mu.Lock()
+	if s.shutting.Swap(true) {
+		s.mu.Unlock()
+		return nil
+	}
+	for ln := range s.listeners {
+		ln.Close()
+	}
+	for c := range s.conns {
+		c.mu.Lock()
+		c.shut = true
+		if !c.busy {
+			c.nc.Close()
+		}
+		c.mu.Unlock()
+	}
+	s.mu.Unlock()
+	close(s.stop)
+	<-s.sweepDone
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	var err error
+	select {
+	case <-done:
+	case <-ctx.Done():
+		err = ctx.Err()
+		s.mu.Lock()
+		for c := range s.conns {
+			c.nc.Close()
+		}
+		s.mu.Unlock()
+		<-done
+	}
+	s.tracker.drain()
+	return err
+}

@@ -1,0 +1,125 @@
+package postfixpolicy
+
+import (
+	"container/list"
+	"sync"
+	"time"
+
+	"github.com/policyd-mail/policyd/rules"
+)
+
+// sessionKey recognises one SMTP session across requests. Several MTAs
+// may share one policyd, so the server side is part of it.
+type sessionKey struct {
+	client, port, server, sport string
+}
+
+// tracked is one session's replay state. Its mutex serialises the
+// requests of one session; Postfix sends them one at a time anyway.
+type tracked struct {
+	mu   sync.Mutex
+	key  sessionKey
+	s    *rules.Session
+	elem *list.Element
+	seen time.Time // last request, for idle expiry; guarded by tracker.mu
+
+	connected bool
+	heloRun   string // HELO name the helo hook ran for
+	// sticky refusals: a refused connect holds for the session, a refused
+	// HELO until a new HELO, a refused MAIL for the transaction, just as
+	// the SMTP client would have been answered by an SMTP server.
+	connDeny, heloDeny, txnDeny *rules.Decision
+
+	instance string // Postfix's message instance of the open transaction
+	txnOpen  bool
+	txnDone  bool // data_post ran for instance
+	mailRun  bool
+	dataRun  bool
+	rcpts    int
+	lastRcpt string
+	lastDec  rules.Decision
+	closed   bool // evicted: the session's hooks are over
+}
+
+// tracker remembers sessions by key, bounded in number and idle time.
+type tracker struct {
+	mu    sync.Mutex
+	m     map[sessionKey]*tracked
+	lru   *list.List // front = most recently used
+	max   int
+	idle  time.Duration
+	onEnd func(*tracked) // runs the ending hooks of an evicted session, outside mu
+}
+
+func newTracker(max int, idle time.Duration, onEnd func(*tracked)) *tracker {
+	return &tracker{m: make(map[sessionKey]*tracked), lru: list.New(), max: max, idle: idle, onEnd: onEnd}
+}
+
+// get returns the session for key, creating it with mk. It also evicts
+// sessions over the bound or idle too long.
+func (t *tracker) get(key sessionKey, now time.Time, mk func() *rules.Session) *tracked {
+	t.mu.Lock()
+	ts, ok := t.m[key]
+	if ok {
+		ts.seen = now
+		t.lru.MoveToFront(ts.elem)
+		t.mu.Unlock()
+		return ts
+	}
+	ts = &tracked{key: key, s: mk(), seen: now}
+	ts.elem = t.lru.PushFront(ts)
+	t.m[key] = ts
+	var ended []*tracked
+	for t.lru.Len() > t.max {
+		ended = append(ended, t.removeLocked(t.lru.Back().Value.(*tracked)))
+	}
+	t.mu.Unlock()
+	for _, e := range ended {
+		t.onEnd(e)
+	}
+	return ts
+}
+
+// expire ends sessions idle for longer than the idle time.
+func (t *tracker) expire(now time.Time) int {
+	var ended []*tracked
+	t.mu.Lock()
+	for e := t.lru.Back(); e != nil; {
+		ts := e.Value.(*tracked)
+		if now.Sub(ts.seen) < t.idle {
+			break
+		}
+		e = e.Prev()
+		ended = append(ended, t.removeLocked(ts))
+	}
+	t.mu.Unlock()
+	for _, e := range ended {
+		t.onEnd(e)
+	}
+	return len(ended)
+}
+
+// drain ends every session (shutdown).
+func (t *tracker) drain() {
+	t.mu.Lock()
+	var ended []*tracked
+	for e := t.lru.Back(); e != nil; e = t.lru.Back() {
+		ended = append(ended, t.removeLocked(e.Value.(*tracked)))
+	}
+	t.mu.Unlock()
+	for _, e := range ended {
+		t.onEnd(e)
+	}
+}
+
+func (t *tracker) removeLocked(ts *tracked) *tracked {
+	t.lru.Remove(ts.elem)
+	delete(t.m, ts.key)
+	return ts
+}
+
+func (t *tracker) len() int {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return len(t.m)
+}

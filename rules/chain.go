@@ -1,0 +1,368 @@
+package rules
+
+import (
+	"context"
+	"fmt"
+	"io/fs"
+	"log/slog"
+	"sort"
+	"strings"
+	"sync/atomic"
+	"time"
+
+	"github.com/policyd-mail/policyd/internal/ratelog"
+	"github.com/policyd-mail/policyd/store"
+)
+
+// StoreErrorPolicy is what the engine answers when a rule cannot decide.
+type StoreErrorPolicy uint8
+
+const (
+	// FailOpen treats the failing rule as DECLINED: mail keeps flowing.
+	FailOpen StoreErrorPolicy = iota
+	// FailTempfail answers DENYSOFT so the client retries later.
+	FailTempfail
+)
+
+// ParseStoreErrorPolicy reads the --on-store-error value.
+func ParseStoreErrorPolicy(v string) (StoreErrorPolicy, error) {
+	switch v {
+	case "continue", "":
+		return FailOpen, nil
+	case "tempfail":
+		return FailTempfail, nil
+	}
+	return 0, fmt.Errorf("on-store-error: %q is neither continue nor tempfail", v)
+}
+
+// Metrics receives what the engine counts. The Prometheus adapter lives with
+// the daemon; tests use counters of their own.
+type Metrics interface {
+	Decision(protocol string, h Hook, rule string, c Code, dryRun bool)
+	HookDuration(protocol string, h Hook, d time.Duration)
+	RuleError(rule string, h Hook, kind string) // kind: "store" or "panic"
+}
+
+type noMetrics struct{}
+
+func (noMetrics) Decision(string, Hook, string, Code, bool) {}
+func (noMetrics) HookDuration(string, Hook, time.Duration)  {}
+func (noMetrics) RuleError(string, Hook, string)            {}
+
+// Options are what a chain is built with.
+type Options struct {
+	Store        store.Store
+	Clock        Clock
+	Logger       *slog.Logger
+	OnStoreError StoreErrorPolicy
+	DryRun       bool // the daemon's --dry-run: every decision only pretends
+	Metrics      Metrics
+}
+
+// tempfailText is what a client reads when policyd itself is in trouble
+// and the operator chose tempfail over fail-open.
+const tempfailText = "Policy service temporarily unavailable, please try again later"
+
+type hookFunc func(ctx context.Context, s *Session) (Result, error)
+
+type entry struct {
+	name      string
+	pos       Pos
+	rule      any
+	dryRun    bool
+	ovr       override
+	effective []string
+	log       *slog.Logger
+	errLog    *ratelog.Limiter
+}
+
+type override struct {
+	code     int
+	enhanced string
+	text     string
+}
+
+// Chain is a built, immutable rule chain. Reload builds a new one aside
+// and swaps it; sessions keep the chain they started with.
+type Chain struct {
+	entries []*entry
+	hooks   [numHooks][]*entry
+	fns     [numHooks][]hookFunc
+	opts    Options
+	panics  atomic.Int64
+	errors  atomic.Int64
+}
+
+// Load reads a configuration directory (fsys, shown to the operator as
+// dir) and builds the chain. Every problem is returned as ConfigErrors;
+// warnings come back even when the chain is good.
+func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
+	if opts.Clock == nil {
+		opts.Clock = SystemClock{}
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.Metrics == nil {
+		opts.Metrics = noMetrics{}
+	}
+	var errs, warns ConfigErrors
+	lines := parsePlugins(fsys, dir, &errs)
+	c := &Chain{opts: opts}
+	for _, pl := range lines {
+		def, _ := lookup(pl.Rule)
+		settings := settingsFor(fsys, dir, pl, def, &errs)
+		b := newBinder(pl.Name, settings, pl.Pos, &errs, &warns)
+		e := &entry{name: pl.Name, pos: pl.Pos}
+		e.dryRun = b.Bool("dry_run", false)
+		e.ovr.code = int(b.Int("code", 0, 400, 599))
+		e.ovr.enhanced = b.String("enhanced", "")
+		e.ovr.text = b.String("text", "")
+		if e.ovr.enhanced != "" && !validEnhanced(e.ovr.enhanced) {
+			b.Errorf("enhanced: %q is not an enhanced status code like 4.7.1", e.ovr.enhanced)
+		}
+		// The common keys are printed only when set, to keep the
+		// effective chain readable.
+		b.effective = nil
+		if e.dryRun {
+			b.record("dry_run", true)
+		}
+		e.log = opts.Logger.With("rule", pl.Name)
+		e.errLog = ratelog.New(time.Second)
+		before := len(errs)
+		rule, err := def.Setup(b, Env{Name: pl.Name, Store: opts.Store, Clock: opts.Clock, Logger: e.log})
+		if err != nil {
+			errs = append(errs, ConfigError{Pos: pl.Pos, Msg: pl.Name + ": " + err.Error()})
+			continue
+		}
+		b.finish()
+		e.effective = b.effective
+		if len(errs) > before {
+			continue
+		}
+		e.rule = rule
+		c.add(e)
+	}
+	if len(errs) > 0 {
+		sortErrors(errs)
+		return nil, warns, errs
+	}
+	sortErrors(warns)
+	return c, warns, nil
+}
+
+// sortErrors orders problems by file and line, as an editor walks them.
+func sortErrors(es ConfigErrors) {
+	sort.SliceStable(es, func(i, j int) bool {
+		if es[i].Pos.File != es[j].Pos.File {
+			return es[i].Pos.File < es[j].Pos.File
+		}
+		return es[i].Pos.Line < es[j].Pos.Line
+	})
+}
+
+func validEnhanced(s string) bool {
+	p := strings.Split(s, ".")
+	if len(p) != 3 || (p[0] != "4" && p[0] != "5") {
+		return false
+	}
+	for _, n := range p[1:] {
+		if len(n) == 0 || len(n) > 3 || strings.Trim(n, "0123456789") != "" {
+			return false
+		}
+	}
+	return true
+}
+
+// add files the rule under every hook it implements; the type assertions
+// happen once here, not per call.
+func (c *Chain) add(e *entry) {
+	c.entries = append(c.entries, e)
+	r := e.rule
+	reg := func(h Hook, f hookFunc) {
+		c.hooks[h] = append(c.hooks[h], e)
+		c.fns[h] = append(c.fns[h], f)
+	}
+	if x, ok := r.(ConnectHook); ok {
+		reg(HookConnect, x.Connect)
+	}
+	if x, ok := r.(HeloHook); ok {
+		reg(HookHelo, x.Helo)
+	}
+	if x, ok := r.(MailHook); ok {
+		reg(HookMail, x.Mail)
+	}
+	if x, ok := r.(RcptHook); ok {
+		reg(HookRcpt, x.Rcpt)
+	}
+	if x, ok := r.(DataHook); ok {
+		reg(HookData, x.Data)
+	}
+	if x, ok := r.(DataPostHook); ok {
+		reg(HookDataPost, x.DataPost)
+	}
+	if x, ok := r.(ResetHook); ok {
+		reg(HookResetTransaction, func(ctx context.Context, s *Session) (Result, error) { return Result{}, x.ResetTransaction(ctx, s) })
+	}
+	if x, ok := r.(DisconnectHook); ok {
+		reg(HookDisconnect, func(ctx context.Context, s *Session) (Result, error) { return Result{}, x.Disconnect(ctx, s) })
+	}
+	if _, ok := r.(DenyObserver); ok {
+		c.hooks[HookDeny] = append(c.hooks[HookDeny], e)
+	}
+	if _, ok := r.(OKObserver); ok {
+		c.hooks[HookOK] = append(c.hooks[HookOK], e)
+	}
+}
+
+// Rules lists the instance names in order.
+func (c *Chain) Rules() []string {
+	out := make([]string, len(c.entries))
+	for i, e := range c.entries {
+		out[i] = e.name
+	}
+	return out
+}
+
+// Describe prints the effective chain: one rule per line, with every
+// setting it uses, defaults included.
+func (c *Chain) Describe() string {
+	var b strings.Builder
+	for i, e := range c.entries {
+		hooks := []string{}
+		for h := Hook(0); h < numHooks; h++ {
+			for _, x := range c.hooks[h] {
+				if x == e {
+					hooks = append(hooks, h.String())
+				}
+			}
+		}
+		fmt.Fprintf(&b, "%d. %s (%s) hooks=%s", i+1, e.name, e.pos, strings.Join(hooks, ","))
+		for _, kv := range e.effective {
+			b.WriteString(" ")
+			b.WriteString(kv)
+		}
+		b.WriteString("\n")
+	}
+	return b.String()
+}
+
+// Panics is how many rule panics the chain recovered.
+func (c *Chain) Panics() int64 { return c.panics.Load() }
+
+// Errors is how many times a rule could not decide (store errors, panics).
+func (c *Chain) Errors() int64 { return c.errors.Load() }
+
+// Now is the chain's clock.
+func (c *Chain) Now() time.Time { return c.opts.Clock.Now() }
+
+// Run runs hook h for session s: the rules in plugins order, the first
+// answer other than DECLINED ends the hook, then the deny or ok observers.
+// Reset and disconnect hooks run every rule and ignore answers.
+func (c *Chain) Run(ctx context.Context, h Hook, s *Session) Decision {
+	start := time.Now()
+	d := c.run(ctx, h, s)
+	c.opts.Metrics.HookDuration(s.Protocol, h, time.Since(start))
+	return d
+}
+
+func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
+	notify := h == HookResetTransaction || h == HookDisconnect
+	for i, e := range c.hooks[h] {
+		res, err := c.call(ctx, e, c.fns[h][i], h, s)
+		if err != nil {
+			c.errors.Add(1)
+			if notify || c.opts.OnStoreError == FailOpen {
+				continue
+			}
+			res = Result{Code: DenySoft, Text: tempfailText}
+		}
+		if notify || res.Code == Declined {
+			continue
+		}
+		d := Decision{Hook: h, Rule: e.name, Code: res.Code, Text: res.Text, Delay: res.Delay, Err: err}
+		d.DryRun = c.opts.DryRun || e.dryRun
+		if d.Code.IsDeny() {
+			ovr := e.ovr
+			if err != nil {
+				ovr = override{} // the operator's text is about the rule's verdict, not our outage
+			}
+			d.Reply = replyFor(d.Code, d.Text, ovr)
+			d.Text = d.Reply.Text
+		}
+		c.logDecision(s, e, d)
+		c.opts.Metrics.Decision(s.Protocol, h, e.name, d.Code, d.DryRun)
+		if e.dryRun && !c.opts.DryRun {
+			// A rule on trial must not hide the rules after it.
+			continue
+		}
+		if !d.DryRun {
+			c.observe(ctx, s, d)
+		}
+		return d
+	}
+	return Decision{Hook: h}
+}
+
+// call runs one rule's hook with panic recovery and error logging.
+func (c *Chain) call(ctx context.Context, e *entry, f hookFunc, h Hook, s *Session) (res Result, err error) {
+	defer func() {
+		if p := recover(); p != nil {
+			c.panics.Add(1)
+			c.opts.Metrics.RuleError(e.name, h, "panic")
+			err = fmt.Errorf("%s: panic in %s hook: %v", e.name, h, p)
+			e.log.Error("rule panicked", "hook", h.String(), "client", s.Client.String(), "panic", fmt.Sprint(p))
+		}
+	}()
+	res, err = f(ctx, s)
+	if err != nil {
+		c.opts.Metrics.RuleError(e.name, h, "store")
+		if n, ok := e.errLog.Allow(time.Now()); ok {
+			e.log.Warn("rule could not decide", "hook", h.String(), "client", s.Client.String(), "err", err, "suppressed", n)
+		}
+	}
+	return res, err
+}
+
+// observe fires the deny or ok observers after a decision. Their answers
+// are ignored, but their failures are counted and logged like any other.
+func (c *Chain) observe(ctx context.Context, s *Session, d Decision) {
+	h := HookOK
+	if d.Code.IsDeny() {
+		h = HookDeny
+	}
+	for _, e := range c.hooks[h] {
+		_, _ = c.call(ctx, e, func(ctx context.Context, s *Session) (Result, error) {
+			if h == HookDeny {
+				return Result{}, e.rule.(DenyObserver).OnDeny(ctx, s, d)
+			}
+			return Result{}, e.rule.(OKObserver).OnOK(ctx, s, d)
+		}, h, s)
+	}
+}
+
+// logDecision writes the one line per non-DECLINED decision.
+func (c *Chain) logDecision(s *Session, e *entry, d Decision) {
+	attrs := make([]slog.Attr, 0, 12)
+	var qid, sender string
+	if s.Txn != nil {
+		qid, sender = s.Txn.QueueID, s.Txn.Sender
+	}
+	attrs = append(attrs,
+		slog.String("queue_id", qid),
+		slog.String("client", s.Client.String()),
+		slog.String("helo", s.Helo),
+		slog.String("sender", sender),
+		slog.String("hook", d.Hook.String()),
+		slog.String("rule", e.name),
+		slog.String("answer", d.Code.String()),
+		slog.String("text", d.Text),
+		slog.Duration("delay", d.Delay),
+		slog.Bool("dry_run", d.DryRun),
+		slog.String("protocol", s.Protocol),
+	)
+	if d.Err != nil {
+		attrs = append(attrs, slog.String("err", d.Err.Error()))
+	}
+	c.opts.Logger.LogAttrs(context.Background(), slog.LevelInfo, "decision", attrs...)
+}

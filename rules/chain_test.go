@@ -1,0 +1,287 @@
+package rules_test
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+
+	"github.com/policyd-mail/policyd/rules"
+	"github.com/policyd-mail/policyd/rules/rulestest"
+	"github.com/policyd-mail/policyd/store"
+)
+
+// probe is a test rule whose answer comes from its settings, and which
+// records every call it gets.
+type probe struct {
+	name   string
+	answer rules.Code
+	text   string
+	panics bool
+	fails  bool
+}
+
+var (
+	callsMu sync.Mutex
+	calls   []string
+)
+
+func record(format string, args ...any) {
+	callsMu.Lock()
+	calls = append(calls, fmt.Sprintf(format, args...))
+	callsMu.Unlock()
+}
+
+func takeCalls() []string {
+	callsMu.Lock()
+	defer callsMu.Unlock()
+	out := calls
+	calls = nil
+	return out
+}
+
+func init() {
+	rules.Register(rules.Definition{Name: "probe", Setup: func(b *rules.Binder, env rules.Env) (any, error) {
+		p := &probe{name: env.Name, text: b.String("say", "")}
+		switch a := b.String("answer", "DECLINED"); a {
+		case "DECLINED":
+		case "OK":
+			p.answer = rules.OK
+		case "DONE":
+			p.answer = rules.Done
+		case "DENY":
+			p.answer = rules.Deny
+		case "DENYSOFT":
+			p.answer = rules.DenySoft
+		case "DENY_DISCONNECT":
+			p.answer = rules.DenyDisconnect
+		case "DENYSOFT_DISCONNECT":
+			p.answer = rules.DenySoftDisconnect
+		default:
+			b.Errorf("answer %q unknown", a)
+		}
+		p.panics = b.Bool("panic", false)
+		p.fails = b.Bool("fail", false)
+		return p, nil
+	}})
+}
+
+func (p *probe) answerFor(h rules.Hook) (rules.Result, error) {
+	record("%s %s", p.name, h)
+	if p.panics {
+		panic("probe exploded")
+	}
+	if p.fails {
+		return rules.Result{}, fmt.Errorf("probe: %w", store.ErrUnavailable)
+	}
+	return rules.Decided(p.answer, p.text), nil
+}
+
+func (p *probe) Connect(_ context.Context, _ *rules.Session) (rules.Result, error) {
+	return p.answerFor(rules.HookConnect)
+}
+
+func (p *probe) Rcpt(_ context.Context, _ *rules.Session) (rules.Result, error) {
+	return p.answerFor(rules.HookRcpt)
+}
+
+func (p *probe) Disconnect(_ context.Context, _ *rules.Session) error {
+	_, err := p.answerFor(rules.HookDisconnect)
+	return err
+}
+
+func (p *probe) OnDeny(_ context.Context, _ *rules.Session, d rules.Decision) error {
+	record("%s deny-observer %s %s %s", p.name, d.Hook, d.Rule, d.Code)
+	return nil
+}
+
+func (p *probe) OnOK(_ context.Context, _ *rules.Session, d rules.Decision) error {
+	record("%s ok-observer %s %s %s", p.name, d.Hook, d.Rule, d.Code)
+	return nil
+}
+
+func TestRun(t *testing.T) {
+	tests := []struct {
+		name      string
+		plugins   string
+		opts      rulestest.Options
+		hook      rules.Hook
+		wantCode  rules.Code
+		wantRule  string
+		wantReply string
+		wantDry   bool
+		wantCalls []string
+		wantLogs  int
+	}{
+		{
+			name:      "every rule declines",
+			plugins:   "probe:0\nprobe:1",
+			wantCalls: []string{"probe:0 connect", "probe:1 connect"},
+		},
+		{
+			name:      "first answer other than DECLINED wins and ends the hook",
+			plugins:   "probe:0\nprobe:1 answer DENYSOFT say slow\nprobe:2 answer DENY",
+			wantCode:  rules.DenySoft,
+			wantRule:  "probe:1",
+			wantReply: "450 4.7.1 slow",
+			wantCalls: []string{"probe:0 connect", "probe:1 connect", "probe:0 deny-observer connect probe:1 DENYSOFT", "probe:1 deny-observer connect probe:1 DENYSOFT", "probe:2 deny-observer connect probe:1 DENYSOFT"},
+			wantLogs:  1,
+		},
+		{
+			name:      "OK skips the rest of the hook and fires the ok observers",
+			plugins:   "probe:0 answer OK\nprobe:1 answer DENY",
+			wantCode:  rules.OK,
+			wantRule:  "probe:0",
+			wantCalls: []string{"probe:0 connect", "probe:0 ok-observer connect probe:0 OK", "probe:1 ok-observer connect probe:0 OK"},
+			wantLogs:  1,
+		},
+		{
+			name:      "DONE skips the rest too",
+			plugins:   "probe:0 answer DONE\nprobe:1 answer DENY",
+			wantCode:  rules.Done,
+			wantRule:  "probe:0",
+			wantCalls: []string{"probe:0 connect", "probe:0 ok-observer connect probe:0 DONE", "probe:1 ok-observer connect probe:0 DONE"},
+			wantLogs:  1,
+		},
+		{
+			name:      "a panicking rule is recovered and skipped (fail-open)",
+			plugins:   "probe:0 panic 1\nprobe:1 answer DENY say no",
+			wantCode:  rules.Deny,
+			wantRule:  "probe:1",
+			wantReply: "550 5.7.1 no",
+			wantCalls: []string{"probe:0 connect", "probe:1 connect", "probe:0 deny-observer connect probe:1 DENY", "probe:1 deny-observer connect probe:1 DENY"},
+			wantLogs:  2, // the panic and the decision
+		},
+		{
+			name:      "a store error is skipped by default",
+			plugins:   "probe:0 fail 1\nprobe:1",
+			wantCalls: []string{"probe:0 connect", "probe:1 connect"},
+			wantLogs:  1, // the warning
+		},
+		{
+			name:      "a store error tempfails when asked to",
+			plugins:   "probe:0 fail 1 text ignored\nprobe:1",
+			opts:      rulestest.Options{OnStoreError: rules.FailTempfail},
+			wantCode:  rules.DenySoft,
+			wantRule:  "probe:0",
+			wantReply: "450 4.7.1 Policy service temporarily unavailable, please try again later",
+			wantCalls: []string{"probe:0 connect", "probe:0 deny-observer connect probe:0 DENYSOFT", "probe:1 deny-observer connect probe:0 DENYSOFT"},
+			wantLogs:  2,
+		},
+		{
+			name:      "code and text overrides of the same class apply",
+			plugins:   `probe answer DENY say original code 554 text "Go away"`,
+			wantCode:  rules.Deny,
+			wantRule:  "probe",
+			wantReply: "554 5.7.1 Go away",
+			wantCalls: []string{"probe connect", "probe deny-observer connect probe DENY"},
+			wantLogs:  1,
+		},
+		{
+			name:      "a code override of the other class is not applied",
+			plugins:   "probe answer DENYSOFT code 554 enhanced 4.2.0",
+			wantCode:  rules.DenySoft,
+			wantRule:  "probe",
+			wantReply: "450 4.2.0 Temporary failure, please try again later",
+			wantCalls: []string{"probe connect", "probe deny-observer connect probe DENYSOFT"},
+			wantLogs:  1,
+		},
+		{
+			name:      "disconnect answers map to 421 and 521",
+			plugins:   "probe answer DENYSOFT_DISCONNECT say bye",
+			wantCode:  rules.DenySoftDisconnect,
+			wantRule:  "probe",
+			wantReply: "421 4.7.0 bye",
+			wantCalls: []string{"probe connect", "probe deny-observer connect probe DENYSOFT_DISCONNECT"},
+			wantLogs:  1,
+		},
+		{
+			name:      "a rule on dry_run is logged, then the chain goes on",
+			plugins:   "probe:0 answer DENY dry_run 1\nprobe:1 answer DENYSOFT",
+			wantCode:  rules.DenySoft,
+			wantRule:  "probe:1",
+			wantReply: "450 4.7.1 Temporary failure, please try again later",
+			wantCalls: []string{"probe:0 connect", "probe:1 connect", "probe:0 deny-observer connect probe:1 DENYSOFT", "probe:1 deny-observer connect probe:1 DENYSOFT"},
+			wantLogs:  2,
+		},
+		{
+			name:      "global dry run decides but does not refuse, and observes nothing",
+			plugins:   "probe:0 answer DENY\nprobe:1 answer DENYSOFT",
+			opts:      rulestest.Options{DryRun: true},
+			wantCode:  rules.Deny,
+			wantRule:  "probe:0",
+			wantReply: "550 5.7.1 Access denied",
+			wantDry:   true,
+			wantCalls: []string{"probe:0 connect"},
+			wantLogs:  1,
+		},
+		{
+			name:      "disconnect runs every rule and ignores answers and errors",
+			plugins:   "probe:0 answer DENY\nprobe:1 fail 1\nprobe:2",
+			hook:      rules.HookDisconnect,
+			wantCalls: []string{"probe:0 disconnect", "probe:1 disconnect", "probe:2 disconnect"},
+			wantLogs:  1,
+		},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			h := rulestest.NewWith(t, tc.plugins, nil, tc.opts)
+			takeCalls()
+			d := h.Run(tc.hook, h.Session("192.0.2.1"))
+			if d.Code != tc.wantCode || d.Rule != tc.wantRule || d.Reply.String() != tc.wantReply || d.DryRun != tc.wantDry {
+				t.Errorf("decision = %v by %q reply %q dry=%v; want %v by %q reply %q dry=%v",
+					d.Code, d.Rule, d.Reply, d.DryRun, tc.wantCode, tc.wantRule, tc.wantReply, tc.wantDry)
+			}
+			if got := takeCalls(); strings.Join(got, "\n") != strings.Join(tc.wantCalls, "\n") {
+				t.Errorf("calls:\n%s\nwant:\n%s", strings.Join(got, "\n"), strings.Join(tc.wantCalls, "\n"))
+			}
+			if n := strings.Count(h.Logs.String(), "\n"); n != tc.wantLogs {
+				t.Errorf("%d log lines, want %d:\n%s", n, tc.wantLogs, h.Logs)
+			}
+			if d.Refuses() != (tc.wantCode.IsDeny() && !tc.wantDry) {
+				t.Errorf("Refuses() = %v", d.Refuses())
+			}
+		})
+	}
+}
+
+func TestPanicsAreCounted(t *testing.T) {
+	h := rulestest.New(t, "probe panic 1", nil)
+	for range 3 {
+		h.Run(rules.HookConnect, h.Session("192.0.2.1"))
+	}
+	takeCalls()
+	if h.Chain.Panics() != 3 || h.Chain.Errors() != 3 {
+		t.Fatalf("panics=%d errors=%d, want 3 and 3", h.Chain.Panics(), h.Chain.Errors())
+	}
+}
+
+func TestDecisionLogLine(t *testing.T) {
+	h := rulestest.New(t, `probe answer DENYSOFT say "slow down"`, nil)
+	s := h.Session("192.0.2.7")
+	s.Helo = "mx.example"
+	s.Begin("1").QueueID = "ABC123"
+	s.Txn.Sender = "a@example.org"
+	h.Run(rules.HookRcpt, s)
+	takeCalls()
+	line := h.Logs.String()
+	for _, want := range []string{"msg=decision", "queue_id=ABC123", "client=192.0.2.7", "helo=mx.example", "sender=a@example.org", "hook=rcpt", "rule=probe", "answer=DENYSOFT", `text="slow down"`, "delay=0s", "dry_run=false"} {
+		if !strings.Contains(line, want) {
+			t.Errorf("log line lacks %s:\n%s", want, line)
+		}
+	}
+}
+
+func TestParseStoreErrorPolicy(t *testing.T) {
+	for in, want := range map[string]rules.StoreErrorPolicy{"continue": rules.FailOpen, "tempfail": rules.FailTempfail, "": rules.FailOpen} {
+		if got, err := rules.ParseStoreErrorPolicy(in); err != nil || got != want {
+			t.Errorf("%q: %v %v", in, got, err)
+		}
+	}
+	if _, err := rules.ParseStoreErrorPolicy("maybe"); err == nil {
+		t.Error("maybe accepted")
+	}
+	_ = errors.New
+}

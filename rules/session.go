@@ -1,0 +1,93 @@
+package rules
+
+import (
+	"net/netip"
+	"sync"
+	"time"
+)
+
+// Session is one SMTP session as the rules see it, whichever protocol
+// carried it. A front-end owns it and runs its hooks one at a time.
+type Session struct {
+	ID         string // front-end's identifier, for logs
+	Protocol   string // "policy" or "milter": for logs and metrics only, never for decisions
+	Client     netip.Addr
+	ClientPort int
+	ClientName string // reverse name as the MTA verified it, "unknown" or empty
+	Helo       string
+	AuthUser   string // SASL login, when the MTA reports one
+	Started    time.Time
+
+	// Notes live for the whole session (qpsmtpd's connection notes).
+	Notes Notes
+	// Txn is the current transaction, nil before MAIL and after it ends.
+	Txn *Transaction
+
+	// chain pins the chain the session started with, so a reload never
+	// changes the rules halfway through a session.
+	chain *Chain
+}
+
+// Transaction is one message: from MAIL to end of message or RSET.
+type Transaction struct {
+	ID        string // MTA instance or queue id, as far as known
+	QueueID   string
+	Sender    string
+	Rcpt      string   // the recipient the rcpt hook is asked about
+	Rcpts     []string // recipients accepted so far
+	Size      int64
+	Notes     Notes
+	Recipient int // number of rcpt hooks run
+}
+
+// NewSession starts a session that will run on chain c until it ends.
+func NewSession(c *Chain, protocol string, client netip.Addr, port int, now time.Time) *Session {
+	return &Session{Protocol: protocol, Client: client.Unmap(), ClientPort: port, Started: now, chain: c}
+}
+
+// Chain returns the chain the session runs on.
+func (s *Session) Chain() *Chain { return s.chain }
+
+// Begin starts a new transaction, replacing any current one.
+func (s *Session) Begin(id string) *Transaction {
+	s.Txn = &Transaction{ID: id}
+	return s.Txn
+}
+
+// Notes is a small string-keyed bag shared by the rules of one session or
+// transaction. It is safe for concurrent use because observers and
+// front-ends may touch a session from more than one goroutine.
+type Notes struct {
+	mu sync.Mutex
+	m  map[string]any
+}
+
+// Set stores v under key.
+func (n *Notes) Set(key string, v any) {
+	n.mu.Lock()
+	if n.m == nil {
+		n.m = make(map[string]any, 4)
+	}
+	n.m[key] = v
+	n.mu.Unlock()
+}
+
+// Get returns the value under key, or nil.
+func (n *Notes) Get(key string) any {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	return n.m[key]
+}
+
+// Bool returns the value under key if it is a bool, else false.
+func (n *Notes) Bool(key string) bool {
+	b, _ := n.Get(key).(bool)
+	return b
+}
+
+// NoteWhitelisted is the connection note the whitelist rule sets; every
+// throttling rule skips a session that carries it.
+const NoteWhitelisted = "whitelisted"
+
+// Whitelisted reports whether a whitelist rule vouched for this session.
+func (s *Session) Whitelisted() bool { return s.Notes.Bool(NoteWhitelisted) }

@@ -1,0 +1,392 @@
+// Package memory is the embedded store.Store: everything lives in this
+// process, so it suits a single policyd instance and tests. Values follow
+// Redis string semantics (a counter reads back as decimal text, a decimal
+// written with Set can be incremented) so a rule behaves the same whichever
+// backend is configured.
+package memory
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"hash/maphash"
+	"math"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/policyd-mail/policyd/store"
+)
+
+const (
+	defaultShards        = 64
+	defaultSweepInterval = time.Second
+
+	// shrinkMin keeps the sweeper from rebuilding small maps: Go maps never
+	// give back buckets on delete, so after a burst (a spam run touching
+	// thousands of clients) a shard would otherwise hold its peak size forever.
+	shrinkMin = 1024
+)
+
+// ErrNotInteger is returned (wrapped) by Incr when the key holds a value that
+// is not a canonical decimal int64, the same values Redis INCRBY rejects.
+var ErrNotInteger = errors.New("value is not an integer or out of range")
+
+// ErrOverflow is returned (wrapped) by Incr when the result would not fit in
+// an int64; the stored value is left unchanged, as in Redis.
+var ErrOverflow = errors.New("increment or decrement would overflow")
+
+// errClosed wraps store.ErrUnavailable so the engine applies its usual
+// fail-open/tempfail policy to a store that is shutting down.
+var errClosed = fmt.Errorf("store closed: %w", store.ErrUnavailable)
+
+// Options configures New. The zero value is ready to use.
+type Options struct {
+	// Shards is how many independently locked maps the key space is split
+	// across, so concurrent sessions rarely wait on one lock. It is rounded
+	// up to a power of two; <= 0 means 64.
+	Shards int
+	// Now is the clock used for expiry, so tests can drive it. nil means
+	// time.Now.
+	Now func() time.Time
+	// SweepInterval is how often the background sweeper reclaims expired
+	// entries. 0 means 1s; negative disables the sweeper, leaving
+	// reclamation to Sweep (expired entries are invisible either way).
+	SweepInterval time.Duration
+}
+
+// entry is one key's value. A counter is kept as an int64 so Incr on an
+// existing key needs no parsing or allocation; it is turned into text only
+// when read.
+type entry struct {
+	val     []byte // never mutated once stored: Get copies it outside the lock
+	n       int64
+	expires int64 // unix nanoseconds; 0 means no expiry
+	isInt   bool
+}
+
+func (e *entry) expired(now int64) bool {
+	return e.expires != 0 && now >= e.expires
+}
+
+type shard struct {
+	mu   sync.Mutex
+	m    map[string]entry // nil once the Store is closed
+	peak int              // largest len(m) since m was last allocated
+	// The pad keeps neighbouring shards' locks off one cache line, so
+	// sessions hitting different shards do not contend through false sharing.
+	_ [64]byte
+}
+
+// Store is the in-process backend. It is safe for concurrent use. Call
+// Close to stop its background sweeper.
+type Store struct {
+	shards []shard
+	mask   uint64
+	seed   maphash.Seed
+	now    func() time.Time
+
+	closed    atomic.Bool
+	closeOnce sync.Once
+	stop      chan struct{} // closed by Close to stop the sweeper
+	done      chan struct{} // closed by the sweeper when it exits; nil if none
+}
+
+var _ store.Store = (*Store)(nil)
+
+// New returns an empty Store and, unless opts.SweepInterval is negative,
+// starts its background sweeper.
+func New(opts Options) *Store {
+	n := opts.Shards
+	if n <= 0 {
+		n = defaultShards
+	}
+	size := 1
+	for size < n {
+		size <<= 1
+	}
+	s := &Store{
+		shards: make([]shard, size),
+		mask:   uint64(size - 1),
+		// A per-Store seed: keys embed client-supplied names, and an
+		// unseeded hash would let a sender pile its keys onto one shard.
+		seed: maphash.MakeSeed(),
+		now:  opts.Now,
+	}
+	if s.now == nil {
+		s.now = time.Now
+	}
+	for i := range s.shards {
+		s.shards[i].m = make(map[string]entry)
+	}
+	interval := opts.SweepInterval
+	if interval == 0 {
+		interval = defaultSweepInterval
+	}
+	if interval > 0 {
+		s.stop = make(chan struct{})
+		s.done = make(chan struct{})
+		go s.sweepLoop(interval)
+	}
+	return s
+}
+
+func (s *Store) shard(key string) *shard {
+	return &s.shards[maphash.String(s.seed, key)&s.mask]
+}
+
+func (s *Store) nowNanos() int64 {
+	return s.now().UnixNano()
+}
+
+// deadline turns a ttl into an absolute expiry, 0 meaning none.
+func deadline(now int64, ttl time.Duration) int64 {
+	if ttl <= 0 {
+		return 0
+	}
+	d := now + int64(ttl)
+	if d < now { // a ttl so long it overflows is as good as none
+		return math.MaxInt64
+	}
+	if d == 0 { // 0 is the "no expiry" marker; only a pre-1970 clock gets here
+		return 1
+	}
+	return d
+}
+
+// Incr implements store.Store.
+func (s *Store) Incr(ctx context.Context, key string, delta int64, ttl time.Duration) (int64, error) {
+	if err := ctx.Err(); err != nil {
+		return 0, fmt.Errorf("memory incr %s: %w", key, err)
+	}
+	now := s.nowNanos()
+	n, err := s.shard(key).incr(&s.closed, key, delta, now, ttl)
+	if err != nil {
+		return 0, fmt.Errorf("memory incr %s: %w", key, err)
+	}
+	return n, nil
+}
+
+func (sh *shard) incr(closed *atomic.Bool, key string, delta, now int64, ttl time.Duration) (int64, error) {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	// Checked under the lock so nothing slips in after Close empties the shard.
+	if closed.Load() {
+		return 0, errClosed
+	}
+	e, ok := sh.m[key]
+	if !ok || e.expired(now) {
+		e = entry{isInt: true, expires: deadline(now, ttl)}
+	} else if !e.isInt {
+		v, ok := parseInt(e.val)
+		if !ok {
+			return 0, ErrNotInteger
+		}
+		e = entry{isInt: true, n: v, expires: e.expires}
+	}
+	sum := e.n + delta
+	if (delta > 0 && sum < e.n) || (delta < 0 && sum > e.n) {
+		return 0, ErrOverflow
+	}
+	e.n = sum
+	sh.m[key] = e
+	if len(sh.m) > sh.peak {
+		sh.peak = len(sh.m)
+	}
+	return sum, nil
+}
+
+// Get implements store.Store. The returned slice is the caller's own.
+func (s *Store) Get(ctx context.Context, key string) ([]byte, bool, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, false, fmt.Errorf("memory get %s: %w", key, err)
+	}
+	now := s.nowNanos()
+	sh := s.shard(key)
+	sh.mu.Lock()
+	if s.closed.Load() {
+		sh.mu.Unlock()
+		return nil, false, fmt.Errorf("memory get %s: %w", key, errClosed)
+	}
+	e, ok := sh.m[key]
+	if ok && e.expired(now) {
+		// Reclaim now rather than wait for the sweeper: we hold the lock anyway.
+		delete(sh.m, key)
+		ok = false
+	}
+	sh.mu.Unlock()
+	if !ok {
+		return nil, false, nil
+	}
+	if e.isInt {
+		return strconv.AppendInt(make([]byte, 0, 20), e.n, 10), true, nil
+	}
+	// Copying after unlock is safe because stored slices are never written.
+	out := make([]byte, len(e.val))
+	copy(out, e.val)
+	return out, true, nil
+}
+
+// Set implements store.Store. value is copied, so the caller may reuse it.
+func (s *Store) Set(ctx context.Context, key string, value []byte, ttl time.Duration) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("memory set %s: %w", key, err)
+	}
+	// Copy before locking to keep the allocation out of the critical section;
+	// non-nil even when empty so an empty value stays distinct from a counter.
+	v := make([]byte, len(value))
+	copy(v, value)
+	now := s.nowNanos()
+	sh := s.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return fmt.Errorf("memory set %s: %w", key, errClosed)
+	}
+	sh.m[key] = entry{val: v, expires: deadline(now, ttl)}
+	if len(sh.m) > sh.peak {
+		sh.peak = len(sh.m)
+	}
+	return nil
+}
+
+// Delete implements store.Store.
+func (s *Store) Delete(ctx context.Context, key string) error {
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("memory delete %s: %w", key, err)
+	}
+	sh := s.shard(key)
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return fmt.Errorf("memory delete %s: %w", key, errClosed)
+	}
+	delete(sh.m, key)
+	return nil
+}
+
+// Close stops the background sweeper, waiting for it to exit, and drops
+// every entry. Later operations fail with store.ErrUnavailable. Close is
+// idempotent and always returns nil.
+func (s *Store) Close() error {
+	s.closeOnce.Do(func() {
+		s.closed.Store(true)
+		if s.stop != nil {
+			close(s.stop)
+			<-s.done
+		}
+		for i := range s.shards {
+			sh := &s.shards[i]
+			sh.mu.Lock()
+			sh.m = nil
+			sh.peak = 0
+			sh.mu.Unlock()
+		}
+	})
+	return nil
+}
+
+// Sweep reclaims every entry that has expired by now, one shard at a time.
+// The background sweeper does the same; Sweep lets tests with a fake clock,
+// or a Store without a sweeper, reclaim on demand.
+func (s *Store) Sweep() {
+	s.sweep(nil)
+}
+
+// Len reports how many entries the Store holds, including expired ones not
+// yet reclaimed, so it measures memory rather than visible keys.
+func (s *Store) Len() int {
+	total := 0
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		total += len(sh.m)
+		sh.mu.Unlock()
+	}
+	return total
+}
+
+func (s *Store) sweepLoop(interval time.Duration) {
+	defer close(s.done)
+	t := time.NewTicker(interval)
+	defer t.Stop()
+	for {
+		select {
+		case <-s.stop:
+			return
+		case <-t.C:
+			s.sweep(s.stop)
+		}
+	}
+}
+
+// sweep walks the shards one lock at a time, so sessions only ever wait for
+// one shard's scan, and gives up early when stop closes so Close is prompt.
+func (s *Store) sweep(stop <-chan struct{}) {
+	for i := range s.shards {
+		if stop != nil {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+		}
+		s.shards[i].sweep(s.nowNanos())
+	}
+}
+
+func (sh *shard) sweep(now int64) {
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if sh.m == nil {
+		return
+	}
+	for k, e := range sh.m {
+		if e.expired(now) {
+			delete(sh.m, k)
+		}
+	}
+	if sh.peak >= shrinkMin && len(sh.m) <= sh.peak/4 {
+		m := make(map[string]entry, len(sh.m))
+		for k, e := range sh.m {
+			m[k] = e
+		}
+		sh.m = m
+		sh.peak = len(m)
+	}
+}
+
+// parseInt accepts exactly what Redis's string2ll does (optional '-', no
+// '+', no leading zeros, no spaces, within int64), so a value written with
+// Set is incrementable here if and only if it would be in Redis.
+func parseInt(b []byte) (int64, bool) {
+	if len(b) == 1 && b[0] == '0' {
+		return 0, true
+	}
+	neg := len(b) > 0 && b[0] == '-'
+	if neg {
+		b = b[1:]
+	}
+	// 19 digits always fit in a uint64, so the loop needs no overflow check.
+	if len(b) == 0 || len(b) > 19 || b[0] < '1' || b[0] > '9' {
+		return 0, false
+	}
+	var u uint64
+	for _, c := range b {
+		if c < '0' || c > '9' {
+			return 0, false
+		}
+		u = u*10 + uint64(c-'0')
+	}
+	if neg {
+		if u > uint64(math.MaxInt64)+1 {
+			return 0, false
+		}
+		return int64(-u), true
+	}
+	if u > math.MaxInt64 {
+		return 0, false
+	}
+	return int64(u), true
+}
