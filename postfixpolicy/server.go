@@ -235,6 +235,7 @@ func (s *Server) serveConn(c *conn) {
 	remote := c.nc.RemoteAddr().String()
 	rd := newReader(c.nc, s.cfg.Limits, func() {
 		c.setBusy(true)
+		s.log.Debug("policy request started", "remote", remote)
 		_ = c.nc.SetReadDeadline(time.Now().Add(s.cfg.RequestTimeout))
 	})
 	bw := bufio.NewWriterSize(c.nc, 512)

@@ -1,0 +1,115 @@
+package main
+
+import (
+	"bytes"
+	"flag"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+)
+
+func TestFlagsAndEnvironmentTwins(t *testing.T) {
+	tests := []struct {
+		name string
+		args []string
+		env  map[string]string
+		want func(o options) bool
+		err  string
+	}{
+		{name: "defaults", want: func(o options) bool {
+			return o.policyListen == "127.0.0.1:10040" && o.milterListen == "127.0.0.1:10041" && o.httpListen == "127.0.0.1:10042" &&
+				o.storeURL == "memory" && o.storeTimeout == 100*time.Millisecond && o.onStoreError == "continue" && o.logFormat == "text"
+		}},
+		{name: "double and single dash", args: []string{"--policy-listen", "unix:/run/p.sock", "-log-level=debug"}, want: func(o options) bool {
+			return o.policyListen == "unix:/run/p.sock" && o.logLevel == "debug"
+		}},
+		{name: "environment twin", env: map[string]string{"POLICYD_POLICY_LISTEN": "127.0.0.1:2000", "POLICYD_DRY_RUN": "true", "POLICYD_STORE_TIMEOUT": "250ms"}, want: func(o options) bool {
+			return o.policyListen == "127.0.0.1:2000" && o.dryRun && o.storeTimeout == 250*time.Millisecond
+		}},
+		{name: "flag wins over environment", args: []string{"--policy-listen", "127.0.0.1:3000"}, env: map[string]string{"POLICYD_POLICY_LISTEN": "127.0.0.1:2000"}, want: func(o options) bool {
+			return o.policyListen == "127.0.0.1:3000"
+		}},
+		{name: "empty disables", args: []string{"--milter-listen", ""}, want: func(o options) bool { return o.milterListen == "" }},
+		{name: "bad environment value", env: map[string]string{"POLICYD_STORE_TIMEOUT": "soon"}, err: "POLICYD_STORE_TIMEOUT"},
+		{name: "stray argument", args: []string{"extra"}, err: `unexpected argument "extra"`},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var o options
+			fs := flag.NewFlagSet("t", flag.ContinueOnError)
+			fs.SetOutput(new(bytes.Buffer))
+			o.register(fs)
+			err := parseFlags(fs, tc.args, func(k string) string { return tc.env[k] })
+			if tc.err != "" {
+				if err == nil || !strings.Contains(err.Error(), tc.err) {
+					t.Fatalf("err = %v, want %q", err, tc.err)
+				}
+				return
+			}
+			if err != nil || !tc.want(o) {
+				t.Fatalf("err=%v options=%+v", err, o)
+			}
+		})
+	}
+}
+
+func TestCheck(t *testing.T) {
+	dir := t.TempDir()
+	write := func(name, text string) {
+		if err := os.WriteFile(filepath.Join(dir, name), []byte(text), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	write("plugins", "# test\nwhitelist\nconnection_shaper threshold 3\n")
+	write("connection_shaper", "exptime 120\nmemcached_server localhost\n")
+	var out, errw bytes.Buffer
+	if rc := run([]string{"check", "--config", dir}, &out, &errw); rc != 0 {
+		t.Fatalf("rc=%d\n%s%s", rc, out.String(), errw.String())
+	}
+	for _, want := range []string{
+		dir + "/connection_shaper:2: warning: connection_shaper: memcached_server is ignored",
+		dir + ": OK, 2 rules",
+		"2. connection_shaper (" + dir + "/plugins:3) hooks=connect exptime=2m0s threshold=3",
+	} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+
+	write("plugins", "whitelist clients 10.0.0.0/99\nconnection_shaper threshold x\nnosuchrule\n")
+	out.Reset()
+	if rc := run([]string{"check", "--config", dir}, &out, &errw); rc != 1 {
+		t.Fatalf("bad config: rc=%d", rc)
+	}
+	want := dir + "/plugins:1: whitelist: clients: \"10.0.0.0/99\" is not a network (like 10.0.0.0/8 or 2001:db8::/32)\n" +
+		dir + "/plugins:2: connection_shaper: threshold: \"x\" is not a whole number\n" +
+		dir + "/plugins:3: unknown rule \"nosuchrule\" (known: connection_shaper, whitelist)\n"
+	if !strings.Contains(out.String(), want) {
+		t.Errorf("got:\n%s\nwant:\n%s", out.String(), want)
+	}
+
+	out.Reset()
+	if rc := run([]string{"check", "--config", filepath.Join(dir, "missing")}, &out, &errw); rc != 1 {
+		t.Fatalf("missing dir: rc=%d", rc)
+	}
+}
+
+func TestCommands(t *testing.T) {
+	var out, errw bytes.Buffer
+	if rc := run([]string{"version"}, &out, &errw); rc != 0 || !strings.HasPrefix(out.String(), "policyd ") {
+		t.Fatalf("version: rc=%d %q", rc, out.String())
+	}
+	if rc := run([]string{"frobnicate"}, &out, &errw); rc != 2 || !strings.Contains(errw.String(), `unknown command "frobnicate"`) {
+		t.Fatalf("unknown command: rc=%d %q", rc, errw.String())
+	}
+	errw.Reset()
+	if rc := run([]string{"serve", "--log-format", "xml"}, &out, &errw); rc != 2 || !strings.Contains(errw.String(), "log-format") {
+		t.Fatalf("bad log format: rc=%d %q", rc, errw.String())
+	}
+	errw.Reset()
+	if rc := run([]string{"serve", "--store", "redis://127.0.0.1:1/0", "--policy-listen", "", "--http-listen", "", "--milter-listen", ""}, &out, &errw); rc != 1 || !strings.Contains(errw.String(), "Redis backend is not built yet") {
+		t.Fatalf("redis store: rc=%d %q", rc, errw.String())
+	}
+}

@@ -1,0 +1,72 @@
+package postfixpolicy
+
+import (
+	"context"
+	"net/netip"
+	"strconv"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/policyd-mail/policyd/rules"
+)
+
+// ends counts the ending hooks the tracker runs for evicted sessions.
+type ends struct{ resets, disconnects atomic.Int64 }
+
+var endCounter ends
+
+type endProbe struct{}
+
+func (endProbe) ResetTransaction(context.Context, *rules.Session) error {
+	endCounter.resets.Add(1)
+	return nil
+}
+
+func (endProbe) Disconnect(context.Context, *rules.Session) error {
+	endCounter.disconnects.Add(1)
+	return nil
+}
+
+func init() {
+	rules.Register(rules.Definition{Name: "end_probe", Setup: func(*rules.Binder, rules.Env) (any, error) { return endProbe{}, nil }})
+}
+
+func TestTrackerBoundsAndEnds(t *testing.T) {
+	fsys := map[string]string{"plugins": "end_probe\n"}
+	c := loadChain(t, fsys)
+	now := time.Unix(1_000_000, 0)
+	srv := &Server{}
+	tr := newTracker(3, time.Minute, srv.endSession)
+	mk := func() *rules.Session { return rules.NewSession(c, "policy", netip.MustParseAddr("192.0.2.1"), 1, now) }
+	var keep []*tracked
+	for i := range 5 {
+		ts := tr.get(sessionKey{client: "192.0.2.1", port: strconv.Itoa(i)}, now, mk)
+		ts.connected = true
+		if i == 4 {
+			ts.txnOpen = true
+		}
+		keep = append(keep, ts)
+	}
+	if tr.len() != 3 {
+		t.Fatalf("tracker holds %d sessions, bound is 3", tr.len())
+	}
+	if got := endCounter.disconnects.Load(); got != 2 {
+		t.Fatalf("%d disconnect hooks for 2 evicted sessions", got)
+	}
+	if !keep[0].closed || !keep[1].closed || keep[2].closed {
+		t.Fatal("the least recently used sessions must be the evicted ones")
+	}
+	// Touching a session keeps it; the idle ones expire.
+	tr.get(sessionKey{client: "192.0.2.1", port: "2"}, now.Add(50*time.Second), mk)
+	if n := tr.expire(now.Add(70 * time.Second)); n != 2 {
+		t.Fatalf("expired %d sessions, want 2", n)
+	}
+	if endCounter.resets.Load() != 1 || endCounter.disconnects.Load() != 4 {
+		t.Fatalf("resets=%d disconnects=%d, want 1 and 4", endCounter.resets.Load(), endCounter.disconnects.Load())
+	}
+	tr.drain()
+	if tr.len() != 0 || endCounter.disconnects.Load() != 5 {
+		t.Fatalf("after drain: %d sessions, %d disconnects", tr.len(), endCounter.disconnects.Load())
+	}
+}
