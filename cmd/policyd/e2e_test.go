@@ -1,0 +1,94 @@
+package main
+
+import (
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/policyd-mail/policyd/internal/testmta"
+)
+
+// Through a real Postfix: check_policy_service at RCPT, smtpd_delay_reject
+// on, connection_shaper threshold 3. Sessions 1–3 from one address are
+// accepted, the 4th gets 450 4.7.1 at RCPT, another address still gets
+// through, and one session with five recipients counts once.
+func TestPostfixPolicyConnectionShaper(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("whitelist\nconnection_shaper threshold 3 exptime 3600\n"), 0o644)
+	os.WriteFile(filepath.Join(cfg, "whitelist"), []byte("clients 127.0.0.200\n"), 0o644)
+	d := startDaemon(t, "--config", cfg)
+	pf := testmta.Start(t, testmta.Options{PolicyAddr: d.policy})
+
+	send := func(local string, rcpts ...string) testmta.Transcript {
+		t.Helper()
+		tr := testmta.SendMail(t, pf.Addr(), local, "sender@example.org", rcpts)
+		if tr.Err != nil {
+			t.Fatalf("session from %s: %v\n%s", local, tr.Err, tr)
+		}
+		return tr
+	}
+	accepted := func(tr testmta.Transcript) {
+		t.Helper()
+		for _, r := range tr.RcptReplies() {
+			if r.Code != 250 {
+				t.Fatalf("session from %s: RCPT got %s\n%s", tr.Local, r, tr)
+			}
+		}
+		if tr.Final().Code != 250 {
+			t.Fatalf("session from %s: message not accepted: %s\n%s", tr.Local, tr.Final(), tr)
+		}
+	}
+
+	for i := 1; i <= 3; i++ {
+		accepted(send("127.0.0.2", fmt.Sprintf("user%d@example.test", i)))
+	}
+	tr := send("127.0.0.2", "user4@example.test")
+	r := tr.RcptReplies()[0]
+	want := "450 4.7.1 <user4@example.test>: Recipient address rejected: Too many connections from your address (more than 3 in 1h0m0s), please try again later"
+	if r.String() != want {
+		t.Fatalf("4th session: RCPT got\n  %s\nwant\n  %s\n%s", r, want, tr)
+	}
+	if tr.Final().Code != 0 {
+		t.Fatalf("4th session: a message went through: %s", tr)
+	}
+
+	accepted(send("127.0.0.3", "other@example.test"))
+	accepted(send("127.0.0.4", "a@example.test", "b@example.test", "c@example.test", "d@example.test", "e@example.test"))
+	// The whitelisted address is never counted.
+	for range 5 {
+		accepted(send("127.0.0.200", "w@example.test"))
+	}
+
+	// Exactly one decision was logged, for the 4th session.
+	if n := strings.Count(d.log.String(), "msg=decision"); n != 1 {
+		t.Fatalf("%d decision lines, want 1:\n%s", n, d.log.String())
+	}
+	if !strings.Contains(d.log.String(), "client=127.0.0.2") {
+		t.Fatalf("decision line lacks the client:\n%s", d.log.String())
+	}
+	if rc := d.stop(t); rc != 0 {
+		t.Fatalf("policyd exit code %d", rc)
+	}
+}
+
+// The same through swaks, the way an operator checks a deployment.
+func TestPostfixPolicyWithSwaks(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 1 text \"Slow down\"\n"), 0o644)
+	d := startDaemon(t, "--config", cfg)
+	pf := testmta.Start(t, testmta.Options{PolicyAddr: d.policy})
+	host, port, _ := strings.Cut(pf.Addr(), ":")
+	swaks := func() string {
+		out, _ := testmta.Swaks(t, "--server", host, "--port", port, "--local-interface", "127.0.0.5",
+			"--from", "a@example.org", "--to", "b@example.test")
+		return out
+	}
+	if out := swaks(); !strings.Contains(out, "250 2.0.0 Ok: queued") {
+		t.Fatalf("first session not queued:\n%s", out)
+	}
+	if out := swaks(); !strings.Contains(out, "<** 450 4.7.1 <b@example.test>: Recipient address rejected: Slow down") {
+		t.Fatalf("second session not refused at RCPT:\n%s", out)
+	}
+}
