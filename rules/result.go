@@ -107,6 +107,9 @@ type Reply struct {
 	Code     int    // 450, 550, 421, 521
 	Enhanced string // "4.7.1"
 	Text     string
+	// CodeSet is true when the operator chose Code (the rule's "code"
+	// setting), so a front-end keeps it instead of its protocol's default.
+	CodeSet bool
 }
 
 func (r Reply) String() string {
@@ -155,7 +158,7 @@ func replyFor(c Code, text string, o override) Reply {
 	// An override only replaces codes of its own class: turning a
 	// temporary refusal into a permanent one is a different rule.
 	if o.code != 0 && !c.Disconnects() && o.code/100 == r.Code/100 {
-		r.Code = o.code
+		r.Code, r.CodeSet = o.code, true
 	}
 	if o.enhanced != "" && o.enhanced[0] == byte('0'+r.Code/100) {
 		r.Enhanced = o.enhanced

@@ -119,7 +119,7 @@ func startDaemon(t testing.TB, args ...string) *proc {
 			t.Logf("daemon log:\n%s", d.log.String())
 		}
 	})
-	d.log.waitFor(t, "policy delegation listening", 1)
+	d.log.waitFor(t, "msg=\"http listening\"", 1)
 	return d
 }
 

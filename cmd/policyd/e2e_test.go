@@ -92,3 +92,40 @@ func TestPostfixPolicyWithSwaks(t *testing.T) {
 		t.Fatalf("second session not refused at RCPT:\n%s", out)
 	}
 }
+
+// The same rule behind Postfix's smtpd_milters: the 4th SMTP session from
+// one address sees 451 4.7.1 with the rule's text (Postfix gives a
+// HELO-stage milter reply at MAIL FROM), another address gets through.
+func TestPostfixMilterConnectionShaper(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 3 exptime 3600\n"), 0o644)
+	milterAddr := freeAddr(t)
+	d := startDaemon(t, "--config", cfg, "--milter-listen", milterAddr, "--policy-listen", "")
+	pf := testmta.Start(t, testmta.Options{MilterAddr: milterAddr})
+
+	send := func(local string, rcpts ...string) testmta.Transcript {
+		t.Helper()
+		tr := testmta.SendMail(t, pf.Addr(), local, "sender@example.org", rcpts)
+		if tr.Err != nil {
+			t.Fatalf("session from %s: %v\n%s", local, tr.Err, tr)
+		}
+		return tr
+	}
+	for i := 1; i <= 3; i++ {
+		tr := send("127.0.0.2", "a@example.test", "b@example.test")
+		if tr.Final().Code != 250 {
+			t.Fatalf("session %d not accepted:\n%s\nmaillog:\n%s", i, tr, pf.Maillog())
+		}
+	}
+	tr := send("127.0.0.2", "a@example.test")
+	want := "451 4.7.1 Too many connections from your address (more than 3 in 1h0m0s), please try again later"
+	if got := tr.Reply("MAIL").String(); got != want {
+		t.Fatalf("4th session: MAIL got\n  %s\nwant\n  %s\n%s", got, want, tr)
+	}
+	if tr := send("127.0.0.3", "a@example.test"); tr.Final().Code != 250 {
+		t.Fatalf("other address refused:\n%s", tr)
+	}
+	if rc := d.stop(t); rc != 0 {
+		t.Fatalf("policyd exit code %d", rc)
+	}
+}

@@ -18,6 +18,7 @@ import (
 	"time"
 
 	"github.com/policyd-mail/policyd/internal/listen"
+	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/postfixpolicy"
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/store"
@@ -41,6 +42,9 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "policyd:", err)
 		return 2
 	}
+	// go-milter logs through the standard log package; this routes its
+	// lines (a broken packet, a dropped connection) into ours.
+	slog.SetDefault(log)
 	d, err := start(o, log)
 	if err != nil {
 		log.Error("policyd cannot start", "err", err)
@@ -73,6 +77,7 @@ type daemon struct {
 	chain  atomic.Pointer[rules.Chain]
 	store  store.Store
 	policy *postfixpolicy.Server
+	milter *milter.Server
 	httpd  *http.Server
 	wg     sync.WaitGroup
 	ready  atomic.Bool
@@ -107,9 +112,6 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 		return nil, err
 	}
 	d.chain.Store(c)
-	if o.milterListen != "" {
-		log.Warn("the milter front-end is not built yet; --milter-listen is ignored", "milter_listen", o.milterListen)
-	}
 	var lns []net.Listener
 	fail := func(err error) (*daemon, error) {
 		for _, ln := range lns {
@@ -134,6 +136,23 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 			}
 		}()
 		log.Info("policy delegation listening", "addr", ln.Addr().String())
+	}
+	if o.milterListen != "" {
+		ln, err := listen.Listen(o.milterListen)
+		if err != nil {
+			return fail(err)
+		}
+		lns = append(lns, ln)
+		d.milter = milter.New(milter.Config{Logger: log}, d.chain.Load)
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			if err := d.milter.Serve(ln); err != nil {
+				log.Error("milter listener failed", "err", err)
+				d.ready.Store(false)
+			}
+		}()
+		log.Info("milter listening", "addr", ln.Addr().String())
 	}
 	if o.httpListen != "" {
 		ln, err := listen.Listen(o.httpListen)
@@ -212,17 +231,29 @@ func (d *daemon) stop(timeout time.Duration) error {
 	d.ready.Store(false)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
+	// Both front-ends stop accepting at once and drain side by side.
+	var mu sync.Mutex
 	var errs []error
+	var stops sync.WaitGroup
+	shut := func(name string, f func(context.Context) error) {
+		stops.Go(func() {
+			if err := f(ctx); err != nil {
+				mu.Lock()
+				errs = append(errs, fmt.Errorf("%s: %w", name, err))
+				mu.Unlock()
+			}
+		})
+	}
 	if d.policy != nil {
-		if err := d.policy.Shutdown(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("policy: %w", err))
-		}
+		shut("policy", d.policy.Shutdown)
+	}
+	if d.milter != nil {
+		shut("milter", d.milter.Shutdown)
 	}
 	if d.httpd != nil {
-		if err := d.httpd.Shutdown(ctx); err != nil {
-			errs = append(errs, fmt.Errorf("http: %w", err))
-		}
+		shut("http", d.httpd.Shutdown)
 	}
+	stops.Wait()
 	d.wg.Wait()
 	if err := d.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("store: %w", err))
