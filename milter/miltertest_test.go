@@ -31,7 +31,7 @@ func TestMiltertestScripts(t *testing.T) {
 		{script: "two-messages.lua", plugins: "mprobe\nconnection_shaper threshold 1",
 			events: []string{"data_post client=192.0.2.30 helo=client.example qid=QMSG1", "data_post client=192.0.2.30 helo=client.example qid=QMSG2"}},
 		{script: "late-macros.lua", plugins: "mprobe at rcpt answer DENY say no",
-			logs: []string{"queue_id=QLATE42", "hook=rcpt", "answer=DENY"},
+			logs:   []string{"queue_id=QLATE42", "hook=rcpt", "answer=DENY"},
 			events: []string{"rcpt client=192.0.2.40 helo=client.example qid=QLATE42 from=carol@example.org rcpt=r@example.test auth=carol"}},
 	}
 	for _, tc := range tests {
