@@ -197,6 +197,8 @@ func session(t *testing.T, addr, ip string, rcpts ...string) []string {
 	return out
 }
 
+// A refusal holds as an SMTP server's would: a real MTA sends nothing
+// more of a refused stage, but if it did, it would get the refusal again.
 func TestHooksAndReplies(t *testing.T) {
 	tests := []struct {
 		name    string
@@ -208,9 +210,9 @@ func TestHooksAndReplies(t *testing.T) {
 		{"DENYSOFT at rcpt is 451 4.7.1", `mprobe at rcpt answer DENYSOFT say "slow down"`,
 			[]string{"connect c", "helo c", "mail c", "rcpt 451 4.7.1 slow down", "eoh c", "eom c"}},
 		{"DENY at mail is 550 5.7.1, percent doubled", `mprobe at mail answer DENY say "100% spam"`,
-			[]string{"connect c", "helo c", "mail 550 5.7.1 100%% spam", "rcpt c", "eoh c", "eom c"}},
+			[]string{"connect c", "helo c", "mail 550 5.7.1 100%% spam", "rcpt 550 5.7.1 100%% spam", "eoh 550 5.7.1 100%% spam", "eom 550 5.7.1 100%% spam"}},
 		{"connect refusal is held until HELO", `mprobe at connect answer DENYSOFT say "too many"`,
-			[]string{"connect c", "helo 451 4.7.1 too many", "mail 451 4.7.1 too many", "rcpt 451 4.7.1 too many", "eoh c", "eom c"}},
+			[]string{"connect c", "helo 451 4.7.1 too many", "mail 451 4.7.1 too many", "rcpt 451 4.7.1 too many", "eoh 451 4.7.1 too many", "eom 451 4.7.1 too many"}},
 		{"DENY_DISCONNECT at connect is 421", `mprobe at connect answer DENY_DISCONNECT say bye`,
 			[]string{"connect 421 4.7.0 bye"}},
 		{"DENY_DISCONNECT at helo is 421", `mprobe at helo answer DENY_DISCONNECT say bye`,
@@ -220,7 +222,7 @@ func TestHooksAndReplies(t *testing.T) {
 		{"DENYSOFT_DISCONNECT at mail is 421", `mprobe at mail answer DENYSOFT_DISCONNECT say bye`,
 			[]string{"connect c", "helo c", "mail 421 4.7.0 bye"}},
 		{"data refusal at end of headers", `mprobe at data answer DENY say "no data"`,
-			[]string{"connect c", "helo c", "mail c", "rcpt c", "eoh 550 5.7.1 no data", "eom c"}},
+			[]string{"connect c", "helo c", "mail c", "rcpt c", "eoh 550 5.7.1 no data", "eom 550 5.7.1 no data"}},
 		{"data_post refusal at end of message", `mprobe at data_post answer DENYSOFT say later`,
 			[]string{"connect c", "helo c", "mail c", "rcpt c", "eoh c", "eom 451 4.7.1 later"}},
 		{"code override kept", `mprobe at rcpt answer DENYSOFT code 450 say x`,

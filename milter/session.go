@@ -19,24 +19,16 @@ import (
 const maxMacros = 256
 
 // session is one milter connection = one SMTP session. go-milter calls
-// its methods from the connection's goroutine; close may come from the
-// shutdown path, hence the mutex.
+// its methods from the connection's goroutine; end may come from the
+// shutdown path, hence the mutex. The session model (hooks once, in
+// order, sticky refusals, transactions) is the rules package's; this
+// type only maps milter events onto it.
 type session struct {
-	srv  *Server
-	conn *conn
-	mu   sync.Mutex
-
+	srv    *Server
+	conn   *conn
+	mu     sync.Mutex
 	s      *rules.Session
 	macros map[string]string
-	// sticky is a refusal at connect (for the whole session) or helo
-	// (until the next HELO) that every later command gets, as an SMTP
-	// server would answer. A connect-stage refusal that does not
-	// disconnect is first given at the next command, because Sendmail
-	// replaces the text of a connect-stage reply with its own.
-	sticky  *rules.Decision
-	dataRun bool
-	txnOpen bool
-	ended   bool
 }
 
 var _ gomilter.Milter = (*session)(nil)
@@ -51,10 +43,6 @@ func (m *session) merge(mod *gomilter.Modifier) {
 		}
 		m.macros[k] = v
 	}
-}
-
-func (m *session) run(h rules.Hook) rules.Decision {
-	return m.s.Chain().Run(context.Background(), h, m.s)
 }
 
 // answer turns a decision into the milter response, holding the reply for
@@ -73,21 +61,19 @@ func (m *session) answer(d rules.Decision, st stage) (gomilter.Response, error) 
 	return response(replyFor(d, st)), nil
 }
 
-// Connect starts the session and runs the connect hook.
+// Connect starts the session and runs the connect hook. A refusal that
+// does not disconnect is given at the next command instead (the session
+// model repeats it there): Sendmail would replace its text with its own.
 func (m *session) Connect(host, family string, port uint16, addr net.IP, mod *gomilter.Modifier) (gomilter.Response, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.merge(mod)
-	client := clientAddr(addr, m.macros)
-	m.s = rules.NewSession(m.srv.chain(), "milter", client, int(port), m.srv.cfg.Clock.Now())
+	m.s = rules.NewSession(m.srv.chain(), "milter", clientAddr(addr, m.macros), int(port), m.srv.cfg.Clock.Now())
 	m.s.ClientName = host
 	m.s.ID = strconv.FormatUint(m.conn.id, 10)
-	d := m.run(rules.HookConnect)
-	if d.Refuses() {
-		m.sticky = &d
-		if !d.Code.Disconnects() {
-			return m.answer(rules.Decision{Delay: d.Delay}, stageConnect)
-		}
+	d := m.s.Connect(context.Background())
+	if d.Refuses() && !d.Code.Disconnects() {
+		return m.answer(rules.Decision{Delay: d.Delay}, stageConnect)
 	}
 	return m.answer(d, stageConnect)
 }
@@ -104,7 +90,7 @@ func clientAddr(ip net.IP, macros map[string]string) netip.Addr {
 	return netip.Addr{}
 }
 
-// Helo runs the helo hook, or gives the held connect-stage refusal.
+// Helo runs the helo hook (or repeats the connect refusal).
 func (m *session) Helo(name string, mod *gomilter.Modifier) (gomilter.Response, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -112,24 +98,7 @@ func (m *session) Helo(name string, mod *gomilter.Modifier) (gomilter.Response, 
 	if m.s == nil {
 		return gomilter.RespContinue, nil
 	}
-	m.s.Helo = name
-	if m.sticky != nil && m.sticky.Hook == rules.HookConnect {
-		return m.giveSticky(stageHelo)
-	}
-	m.sticky = nil
-	d := m.run(rules.HookHelo)
-	if d.Refuses() {
-		m.sticky = &d
-	}
-	return m.answer(d, stageHelo)
-}
-
-// giveSticky repeats a session refusal, without its delay: the client
-// waited once already.
-func (m *session) giveSticky(st stage) (gomilter.Response, error) {
-	d := *m.sticky
-	d.Delay = 0
-	return m.answer(d, st)
+	return m.answer(m.s.SayHelo(context.Background(), name), stageHelo)
 }
 
 // MailFrom starts a transaction and runs the mail hook.
@@ -140,20 +109,19 @@ func (m *session) MailFrom(from string, mod *gomilter.Modifier) (gomilter.Respon
 	if m.s == nil {
 		return gomilter.RespContinue, nil
 	}
-	if m.txnOpen {
-		m.run(rules.HookResetTransaction)
-	}
-	txn := m.s.Begin(m.macros["i"])
-	txn.QueueID = m.macros["i"]
-	txn.Sender = from
-	m.txnOpen, m.dataRun = true, false
 	if u := m.macros["{auth_authen}"]; u != "" {
 		m.s.AuthUser = u
 	}
-	if m.sticky != nil {
-		return m.giveSticky(stageEnvelope)
+	qid := m.macros["i"]
+	return m.answer(m.s.Mail(context.Background(), rules.MailFrom{Sender: from, ID: qid, QueueID: qid}), stageEnvelope)
+}
+
+// queueID refreshes the queue id: Postfix may send it only at a later
+// stage than MAIL.
+func (m *session) queueID() {
+	if q := m.macros["i"]; q != "" && m.s.Txn != nil {
+		m.s.Txn.QueueID = q
 	}
-	return m.answer(m.run(rules.HookMail), stageEnvelope)
 }
 
 // RcptTo runs the rcpt hook for one recipient.
@@ -161,21 +129,11 @@ func (m *session) RcptTo(rcpt string, mod *gomilter.Modifier) (gomilter.Response
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.merge(mod)
-	if m.s == nil || m.s.Txn == nil {
+	if m.s == nil {
 		return gomilter.RespContinue, nil
 	}
-	if m.sticky != nil {
-		return m.giveSticky(stageEnvelope)
-	}
-	if q := m.macros["i"]; q != "" {
-		m.s.Txn.QueueID = q
-	}
-	m.s.Txn.Rcpt = rcpt
-	d := m.run(rules.HookRcpt)
-	if !d.Refuses() {
-		m.s.Txn.Rcpts = append(m.s.Txn.Rcpts, rcpt)
-	}
-	return m.answer(d, stageEnvelope)
+	m.queueID()
+	return m.answer(m.s.Rcpt(context.Background(), rcpt), stageEnvelope)
 }
 
 // data runs the data hook at the first content event: milter v2 has no
@@ -185,14 +143,11 @@ func (m *session) data(mod *gomilter.Modifier) (gomilter.Response, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.merge(mod)
-	if m.s == nil || m.s.Txn == nil || m.dataRun {
+	if m.s == nil {
 		return gomilter.RespContinue, nil
 	}
-	m.dataRun = true
-	if q := m.macros["i"]; q != "" {
-		m.s.Txn.QueueID = q
-	}
-	return m.answer(m.run(rules.HookData), stageContent)
+	m.queueID()
+	return m.answer(m.s.Data(context.Background()), stageContent)
 }
 
 // Header is the first content event when headers are sent.
@@ -210,23 +165,18 @@ func (m *session) BodyChunk(_ []byte, _ *gomilter.Modifier) (gomilter.Response, 
 	return gomilter.RespContinue, nil
 }
 
-// Body is the end of the message: data (if not run yet), then data_post,
-// then the transaction ends. It never answers a plain accept, which would
-// make go-milter replace this session's handler.
+// Body is the end of the message: data if it has not run, data_post, and
+// the end of the transaction. It never answers a plain accept, which
+// would make go-milter replace this session's handler.
 func (m *session) Body(mod *gomilter.Modifier) (gomilter.Response, error) {
-	if r, err := m.data(mod); err != nil || r != gomilter.RespContinue {
-		return r, err
-	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.s == nil || m.s.Txn == nil {
+	m.merge(mod)
+	if m.s == nil {
 		return gomilter.RespContinue, nil
 	}
-	d := m.run(rules.HookDataPost)
-	m.run(rules.HookResetTransaction)
-	m.txnOpen = false
-	m.s.Txn = nil
-	return m.answer(d, stageContent)
+	m.queueID()
+	return m.answer(m.s.DataPost(context.Background()), stageContent)
 }
 
 // Abort ends the transaction (RSET, a rejected message, or the MTA's
@@ -234,12 +184,8 @@ func (m *session) Body(mod *gomilter.Modifier) (gomilter.Response, error) {
 func (m *session) Abort(_ *gomilter.Modifier) error {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.txnOpen {
-		m.run(rules.HookResetTransaction)
-		m.txnOpen = false
-	}
 	if m.s != nil {
-		m.s.Txn = nil
+		m.s.Reset(context.Background())
 	}
 	return nil
 }
@@ -248,18 +194,9 @@ func (m *session) Abort(_ *gomilter.Modifier) error {
 func (m *session) end() {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	if m.ended {
-		return
+	if m.s != nil {
+		m.s.End(context.Background())
 	}
-	m.ended = true
-	if m.s == nil {
-		return
-	}
-	if m.txnOpen {
-		m.run(rules.HookResetTransaction)
-		m.txnOpen = false
-	}
-	m.run(rules.HookDisconnect)
 }
 
 // hold waits d, cut short by shutdown.

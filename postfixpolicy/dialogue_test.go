@@ -121,6 +121,7 @@ func runDialogue(t *testing.T, file string) {
 			files[rule] += kv + "\n"
 		}
 	}
+	takeTrace()
 	h := rulestest.New(t, plugins.String(), files)
 	_, addr := start(t, h, postfixpolicy.Config{})
 	conns := map[string]*client{}
@@ -139,6 +140,10 @@ func runDialogue(t *testing.T, file string) {
 				t.Fatalf("%s: %v", at, err)
 			}
 			h.Clock.Advance(d)
+		case "hooks":
+			if got := takeTrace(); got != rest {
+				t.Errorf("%s: hooks run: %q\n want: %q", at, got, rest)
+			}
 		case "request":
 			if pending != nil {
 				t.Fatalf("%s: request before the previous one's action", at)

@@ -138,14 +138,14 @@ func (s *Server) endSession(ts *tracked) {
 		return
 	}
 	ts.closed = true
-	ctx := context.Background()
-	c := ts.s.Chain()
-	if ts.txnOpen && !ts.txnDone {
-		c.Run(ctx, rules.HookResetTransaction, ts.s)
-	}
-	if ts.connected {
-		c.Run(ctx, rules.HookDisconnect, ts.s)
-	}
+	defer func() {
+		// A panic outside the rules (they have their own recovery) must
+		// not stop the sweeper or shutdown.
+		if p := recover(); p != nil {
+			s.log.Error("ending a policy session panicked", "session", ts.s.ID, "panic", p)
+		}
+	}()
+	ts.s.End(context.Background())
 }
 
 // Sessions is the number of SMTP sessions being tracked.
@@ -303,25 +303,38 @@ func (s *Server) answer(req *Request, connID uint64) (string, time.Duration) {
 		// stands for one smtpd process, which serves one session at a time.
 		key.port = "conn-" + strconv.FormatUint(connID, 10)
 	}
-	ctx := context.Background()
 	for {
-		ts := s.tracker.get(key, s.cfg.Clock.Now(), func() *rules.Session {
-			port, _ := strconv.Atoi(req.ClientPort)
-			sess := rules.NewSession(s.chain(), "policy", addr, port, s.cfg.Clock.Now())
-			sess.ID = key.client + ":" + key.port
-			return sess
-		})
-		ts.mu.Lock()
-		if ts.closed {
-			// Evicted between lookup and lock: start afresh.
-			ts.mu.Unlock()
-			continue
+		ts := s.tracker.get(key, s.cfg.Clock.Now(), func() *rules.Session { return s.newSession(key, req, addr) })
+		o, ok := s.answerLocked(ts, key, req, addr, st)
+		if ok {
+			return action(o.d), o.delay
 		}
-		fillSession(ts.s, req)
-		o := replay(ctx, ts, req, st)
-		ts.mu.Unlock()
-		return action(o.d), o.delay
+		// Evicted between lookup and lock: start afresh.
 	}
+}
+
+func (s *Server) newSession(key sessionKey, req *Request, addr netip.Addr) *rules.Session {
+	port, _ := strconv.Atoi(req.ClientPort)
+	sess := rules.NewSession(s.chain(), "policy", addr, port, s.cfg.Clock.Now())
+	sess.ID = key.client + ":" + key.port
+	return sess
+}
+
+// answerLocked replays req on ts under its lock; the deferred unlock
+// keeps a panic from leaving the session locked for good.
+func (s *Server) answerLocked(ts *tracked, key sessionKey, req *Request, addr netip.Addr, st stage) (outcome, bool) {
+	ts.mu.Lock()
+	defer ts.mu.Unlock()
+	if ts.closed {
+		return outcome{}, false
+	}
+	ctx := context.Background()
+	if ts.startsNewSession(req) {
+		ts.s.End(ctx)
+		ts.restart(s.newSession(key, req, addr))
+	}
+	fillSession(ts.s, req)
+	return replay(ctx, ts, req, st), true
 }
 
 func fillSession(sess *rules.Session, req *Request) {

@@ -14,31 +14,42 @@ type sessionKey struct {
 	client, port, server, sport string
 }
 
-// tracked is one session's replay state. Its mutex serialises the
-// requests of one session; Postfix sends them one at a time anyway.
+// tracked is one session's replay state: what the policy protocol needs
+// on top of the shared session model. Its mutex serialises the requests
+// of one session; Postfix sends them one at a time anyway.
 type tracked struct {
-	mu   sync.Mutex
-	key  sessionKey
-	s    *rules.Session
-	elem *list.Element
-	seen time.Time // last request, for idle expiry; guarded by tracker.mu
+	mu     sync.Mutex
+	key    sessionKey
+	s      *rules.Session
+	elem   *list.Element
+	seen   time.Time // last request, for idle expiry; guarded by tracker.mu
+	closed bool      // evicted: the session is over
 
-	connected bool
-	heloRun   string // HELO name the helo hook ran for
-	// sticky refusals: a refused connect holds for the session, a refused
-	// HELO until a new HELO, a refused MAIL for the transaction, just as
-	// the SMTP client would have been answered by an SMTP server.
-	connDeny, heloDeny, txnDeny *rules.Decision
+	instance string // Postfix's instance of the open transaction ("" until RCPT)
+	lastDone string // the instance whose END-OF-MESSAGE was answered
+	pid      string // the smtpd process of this session, from the instance
+	rcptRun  bool   // the rcpt hook ran in the open transaction
+	prev     requestSig
+	prevOut  outcome
+}
 
-	instance string // Postfix's message instance of the open transaction
-	txnOpen  bool
-	txnDone  bool // data_post ran for instance
-	mailRun  bool
-	dataRun  bool
-	rcpts    int
-	lastRcpt string
-	lastDec  rules.Decision
-	closed   bool // evicted: the session's hooks are over
+// restart forgets the ended session and tracks sess under the same key.
+func (ts *tracked) restart(sess *rules.Session) {
+	ts.s = sess
+	ts.instance, ts.lastDone, ts.pid = "", "", ""
+	ts.rcptRun = false
+	ts.prev, ts.prevOut = requestSig{}, outcome{}
+}
+
+// requestSig identifies a request well enough to recognise the same
+// question asked twice in a row (the policy service listed in two
+// restriction lists).
+type requestSig struct {
+	state, instance, sender, recipient, helo string
+}
+
+func sigOf(r *Request) requestSig {
+	return requestSig{r.ProtocolState, r.Instance, r.Sender, r.Recipient, r.HeloName}
 }
 
 // tracker remembers sessions by key, bounded in number and idle time.

@@ -11,12 +11,17 @@ import (
 	"github.com/policyd-mail/policyd/rules"
 )
 
-// ends counts the ending hooks the tracker runs for evicted sessions.
+// ends counts the ending hooks run for evicted sessions; each test that
+// uses it resets it.
 type ends struct{ resets, disconnects atomic.Int64 }
 
 var endCounter ends
 
 type endProbe struct{}
+
+func (endProbe) Mail(context.Context, *rules.Session) (rules.Result, error) {
+	return rules.Result{}, nil
+}
 
 func (endProbe) ResetTransaction(context.Context, *rules.Session) error {
 	endCounter.resets.Add(1)
@@ -33,18 +38,20 @@ func init() {
 }
 
 func TestTrackerBoundsAndEnds(t *testing.T) {
-	fsys := map[string]string{"plugins": "end_probe\n"}
-	c := loadChain(t, fsys)
+	endCounter.resets.Store(0)
+	endCounter.disconnects.Store(0)
+	c := loadChain(t, map[string]string{"plugins": "end_probe\n"})
 	now := time.Unix(1_000_000, 0)
 	srv := &Server{}
 	tr := newTracker(3, time.Minute, srv.endSession)
 	mk := func() *rules.Session { return rules.NewSession(c, "policy", netip.MustParseAddr("192.0.2.1"), 1, now) }
+	ctx := context.Background()
 	var keep []*tracked
 	for i := range 5 {
 		ts := tr.get(sessionKey{client: "192.0.2.1", port: strconv.Itoa(i)}, now, mk)
-		ts.connected = true
+		ts.s.Connect(ctx)
 		if i == 4 {
-			ts.txnOpen = true
+			ts.s.Mail(ctx, rules.MailFrom{Sender: "a@example.org"})
 		}
 		keep = append(keep, ts)
 	}
@@ -68,5 +75,25 @@ func TestTrackerBoundsAndEnds(t *testing.T) {
 	tr.drain()
 	if tr.len() != 0 || endCounter.disconnects.Load() != 5 {
 		t.Fatalf("after drain: %d sessions, %d disconnects", tr.len(), endCounter.disconnects.Load())
+	}
+}
+
+func TestParseInstance(t *testing.T) {
+	tests := []struct {
+		in  string
+		pid string
+		seq uint64
+		ok  bool
+	}{
+		{"1a2b.5f3c2d1e.9a8b7.0", "1a2b", 0, true},
+		{"1a2b.5f3c2d1e.9a8b7.a", "1a2b", 10, true},
+		{"x", "", 0, false},
+		{"1.2.3.zz", "", 0, false},
+	}
+	for _, tc := range tests {
+		pid, seq, ok := parseInstance(tc.in)
+		if pid != tc.pid || seq != tc.seq || ok != tc.ok {
+			t.Errorf("parseInstance(%q) = %q %d %v", tc.in, pid, seq, ok)
+		}
 	}
 }

@@ -26,18 +26,19 @@ type Session struct {
 	// chain pins the chain the session started with, so a reload never
 	// changes the rules halfway through a session.
 	chain *Chain
+	st    sessionState
 }
 
 // Transaction is one message: from MAIL to end of message or RSET.
 type Transaction struct {
-	ID        string // MTA instance or queue id, as far as known
-	QueueID   string
-	Sender    string
-	Rcpt      string   // the recipient the rcpt hook is asked about
-	Rcpts     []string // recipients accepted so far
-	Size      int64
-	Notes     Notes
-	Recipient int // number of rcpt hooks run
+	ID      string // MTA instance or queue id, as far as known
+	QueueID string
+	Sender  string
+	Rcpt    string   // the recipient the rcpt hook is asked about
+	Rcpts   []string // recipients accepted so far
+	Size    int64
+	Notes   Notes
+	st      txnState
 }
 
 // NewSession starts a session that will run on chain c until it ends.
