@@ -382,6 +382,8 @@ func (s *Server) Shutdown(ctx context.Context) error {
 		s.mu.Unlock()
 		<-done
 	}
-	s.tracker.drain()
+	if n := s.tracker.drain(ctx); n > 0 {
+		s.log.Warn("shutdown deadline: sessions ended without their disconnect hooks", "sessions", n)
+	}
 	return err
 }

@@ -1,6 +1,7 @@
 package postfixpolicy
 
 import (
+	"context"
 	"container/list"
 	"sync"
 	"time"
@@ -110,17 +111,22 @@ func (t *tracker) expire(now time.Time) int {
 	return len(ended)
 }
 
-// drain ends every session (shutdown).
-func (t *tracker) drain() {
+// drain ends every session (shutdown) until ctx ends, and returns how
+// many it had to leave without their ending hooks.
+func (t *tracker) drain(ctx context.Context) int {
 	t.mu.Lock()
 	var ended []*tracked
 	for e := t.lru.Back(); e != nil; e = t.lru.Back() {
 		ended = append(ended, t.removeLocked(e.Value.(*tracked)))
 	}
 	t.mu.Unlock()
-	for _, e := range ended {
+	for i, e := range ended {
+		if ctx.Err() != nil {
+			return len(ended) - i
+		}
 		t.onEnd(e)
 	}
+	return 0
 }
 
 func (t *tracker) removeLocked(ts *tracked) *tracked {

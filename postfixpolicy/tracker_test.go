@@ -72,7 +72,7 @@ func TestTrackerBoundsAndEnds(t *testing.T) {
 	if endCounter.resets.Load() != 1 || endCounter.disconnects.Load() != 4 {
 		t.Fatalf("resets=%d disconnects=%d, want 1 and 4", endCounter.resets.Load(), endCounter.disconnects.Load())
 	}
-	tr.drain()
+	tr.drain(context.Background())
 	if tr.len() != 0 || endCounter.disconnects.Load() != 5 {
 		t.Fatalf("after drain: %d sessions, %d disconnects", tr.len(), endCounter.disconnects.Load())
 	}

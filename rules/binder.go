@@ -89,14 +89,19 @@ func (b *Binder) errAt(s Setting, format string, args ...any) {
 }
 
 // last returns the effective setting for a scalar key: the plugins line is
-// read after the rule's file, so it wins.
+// read after the rule's file, so it wins. A scalar key given twice in one
+// place is a mistake worth reporting, not a silent last-one-wins.
 func (b *Binder) last(key string) (Setting, bool) {
 	found := -1
 	for i, s := range b.settings {
-		if s.Key == key {
-			b.used[i] = true
-			found = i
+		if s.Key != key {
+			continue
 		}
+		b.used[i] = true
+		if found >= 0 && b.settings[found].Pos.File == s.Pos.File {
+			b.errAt(s, "set again (first at line %d)", b.settings[found].Pos.Line)
+		}
+		found = i
 	}
 	if found < 0 {
 		return Setting{}, false

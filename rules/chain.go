@@ -6,6 +6,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"sort"
+	"strconv"
 	"strings"
 	"sync/atomic"
 	"time"
@@ -127,6 +128,15 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		if e.dryRun {
 			b.record("dry_run", true)
 		}
+		if e.ovr.code != 0 {
+			b.record("code", e.ovr.code)
+		}
+		if e.ovr.enhanced != "" {
+			b.record("enhanced", e.ovr.enhanced)
+		}
+		if e.ovr.text != "" {
+			b.record("text", strconv.Quote(e.ovr.text))
+		}
 		e.log = opts.Logger.With("rule", pl.Name)
 		e.errLog = ratelog.New(time.Second)
 		before := len(errs)
@@ -143,22 +153,30 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		e.rule = rule
 		c.add(e)
 	}
+	warns = sortErrors(warns)
 	if len(errs) > 0 {
-		sortErrors(errs)
-		return nil, warns, errs
+		return nil, warns, sortErrors(errs)
 	}
-	sortErrors(warns)
 	return c, warns, nil
 }
 
-// sortErrors orders problems by file and line, as an editor walks them.
-func sortErrors(es ConfigErrors) {
+// sortErrors orders problems by file and line, as an editor walks them,
+// and drops repeats (two instances of a rule read the same file).
+func sortErrors(es ConfigErrors) ConfigErrors {
 	sort.SliceStable(es, func(i, j int) bool {
 		if es[i].Pos.File != es[j].Pos.File {
 			return es[i].Pos.File < es[j].Pos.File
 		}
 		return es[i].Pos.Line < es[j].Pos.Line
 	})
+	out := es[:0]
+	for i, e := range es {
+		if i > 0 && e == es[i-1] {
+			continue
+		}
+		out = append(out, e)
+	}
+	return out
 }
 
 func validEnhanced(s string) bool {
@@ -260,16 +278,23 @@ func (c *Chain) Now() time.Time { return c.opts.Clock.Now() }
 // answer other than DECLINED ends the hook, then the deny or ok observers.
 // Reset and disconnect hooks run every rule and ignore answers.
 func (c *Chain) Run(ctx context.Context, h Hook, s *Session) Decision {
-	start := time.Now()
+	start := c.opts.Clock.Now()
 	d := c.run(ctx, h, s)
-	c.opts.Metrics.HookDuration(s.Protocol, h, time.Since(start))
+	c.opts.Metrics.HookDuration(s.Protocol, h, c.opts.Clock.Now().Sub(start))
 	return d
 }
 
 func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 	notify := h == HookResetTransaction || h == HookDisconnect
+	// A rule may delay without deciding (a tarpit); its delay adds to
+	// whatever the hook answers.
+	var delay time.Duration
 	for i, e := range c.hooks[h] {
 		res, err := c.call(ctx, e, c.fns[h][i], h, s)
+		if err == nil && res.Code > DenySoftDisconnect {
+			err = fmt.Errorf("%s: answered unknown code %d", e.name, res.Code)
+			e.log.Error("rule answered an unknown code", "hook", h.String(), "code", int(res.Code))
+		}
 		if err != nil {
 			c.errors.Add(1)
 			if notify || c.opts.OnStoreError == FailOpen {
@@ -277,10 +302,14 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 			}
 			res = Result{Code: DenySoft, Text: tempfailText}
 		}
-		if notify || res.Code == Declined {
+		if notify {
 			continue
 		}
-		d := Decision{Hook: h, Rule: e.name, Code: res.Code, Text: res.Text, Delay: res.Delay, Err: err}
+		if res.Code == Declined {
+			delay += res.Delay
+			continue
+		}
+		d := Decision{Hook: h, Rule: e.name, Code: res.Code, Text: res.Text, Delay: delay + res.Delay, Err: err}
 		d.DryRun = c.opts.DryRun || e.dryRun
 		if d.Code.IsDeny() {
 			ovr := e.ovr
@@ -301,7 +330,7 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 		}
 		return d
 	}
-	return Decision{Hook: h}
+	return Decision{Hook: h, Delay: delay}
 }
 
 // call runs one rule's hook with panic recovery and error logging.
@@ -317,7 +346,7 @@ func (c *Chain) call(ctx context.Context, e *entry, f hookFunc, h Hook, s *Sessi
 	res, err = f(ctx, s)
 	if err != nil {
 		c.opts.Metrics.RuleError(e.name, h, "store")
-		if n, ok := e.errLog.Allow(time.Now()); ok {
+		if n, ok := e.errLog.Allow(c.opts.Clock.Now()); ok {
 			e.log.Warn("rule could not decide", "hook", h.String(), "client", s.Client.String(), "err", err, "suppressed", n)
 		}
 	}

@@ -17,6 +17,7 @@ import (
 // records every call it gets.
 type probe struct {
 	name   string
+	at     string // answer only at this hook; all hooks when empty
 	answer rules.Code
 	text   string
 	panics bool
@@ -44,7 +45,7 @@ func takeCalls() []string {
 
 func init() {
 	rules.Register(rules.Definition{Name: "probe", Setup: func(b *rules.Binder, env rules.Env) (any, error) {
-		p := &probe{name: env.Name, text: b.String("say", "")}
+		p := &probe{name: env.Name, text: b.String("say", ""), at: b.String("at", "")}
 		switch a := b.String("answer", "DECLINED"); a {
 		case "DECLINED":
 		case "OK":
@@ -76,7 +77,31 @@ func (p *probe) answerFor(h rules.Hook) (rules.Result, error) {
 	if p.fails {
 		return rules.Result{}, fmt.Errorf("probe: %w", store.ErrUnavailable)
 	}
+	if p.at != "" && p.at != h.String() {
+		return rules.Result{}, nil
+	}
 	return rules.Decided(p.answer, p.text), nil
+}
+
+func (p *probe) Helo(_ context.Context, _ *rules.Session) (rules.Result, error) {
+	return p.answerFor(rules.HookHelo)
+}
+
+func (p *probe) Mail(_ context.Context, _ *rules.Session) (rules.Result, error) {
+	return p.answerFor(rules.HookMail)
+}
+
+func (p *probe) Data(_ context.Context, _ *rules.Session) (rules.Result, error) {
+	return p.answerFor(rules.HookData)
+}
+
+func (p *probe) DataPost(_ context.Context, _ *rules.Session) (rules.Result, error) {
+	return p.answerFor(rules.HookDataPost)
+}
+
+func (p *probe) ResetTransaction(_ context.Context, _ *rules.Session) error {
+	_, err := p.answerFor(rules.HookResetTransaction)
+	return err
 }
 
 func (p *probe) Connect(_ context.Context, _ *rules.Session) (rules.Result, error) {

@@ -105,7 +105,11 @@ func parsePlugins(fsys fs.FS, dir string, errs *ConfigErrors) []PluginLine {
 			}
 		}
 		if _, ok := lookup(rule); !ok {
-			*errs = append(*errs, ConfigError{Pos: pos, Msg: fmt.Sprintf("unknown rule %q (known: %s)", rule, strings.Join(Registered(), ", "))})
+			msg := fmt.Sprintf("unknown rule %q", rule)
+			if near := nearest(rule, Registered()); near != "" {
+				msg += fmt.Sprintf(" (did you mean %q?)", near)
+			}
+			*errs = append(*errs, ConfigError{Pos: pos, Msg: msg})
 			return
 		}
 		if first, dup := seen[name]; dup {
@@ -126,7 +130,6 @@ func parsePlugins(fsys fs.FS, dir string, errs *ConfigErrors) []PluginLine {
 func settingsFor(fsys fs.FS, dir string, pl PluginLine, def Definition, errs *ConfigErrors) []Setting {
 	var out []Setting
 	display := path.Join(dir, pl.Rule)
-	firstAt := map[string]int{}
 	readLines(fsys, pl.Rule, display, errs, func(line string, pos Pos) {
 		key, value, _ := strings.Cut(line, " ")
 		if i := strings.IndexByte(key, '\t'); i >= 0 {
@@ -137,11 +140,6 @@ func settingsFor(fsys fs.FS, dir string, pl PluginLine, def Definition, errs *Co
 			*errs = append(*errs, ConfigError{Pos: pos, Msg: fmt.Sprintf("%s: %s: missing value (lines are \"key value\")", pl.Rule, key)})
 			return
 		}
-		if prev, dup := firstAt[key]; dup && !listKey(key) {
-			*errs = append(*errs, ConfigError{Pos: pos, Msg: fmt.Sprintf("%s: %s: set again (first at line %d)", pl.Rule, key, prev)})
-			return
-		}
-		firstAt[key] = pos.Line
 		out = append(out, Setting{Key: key, Value: value, Pos: pos})
 	})
 	parse := PairSettings
@@ -171,16 +169,6 @@ func PairSettings(args []string) ([]Setting, error) {
 		out = append(out, Setting{Key: args[i], Value: args[i+1]})
 	}
 	return out, nil
-}
-
-// listKey reports keys that may repeat because every occurrence adds to a
-// list. Kept here, not per rule, because list keys share one name.
-func listKey(key string) bool {
-	switch key {
-	case "whitelist", "clients":
-		return true
-	}
-	return false
 }
 
 // splitArgs splits a plugins line on blanks; a double-quoted argument may
@@ -230,4 +218,35 @@ func unquote(v string) string {
 		}
 	}
 	return v
+}
+
+// nearest returns the name within two edits of s, if any: the usual typo.
+func nearest(s string, names []string) string {
+	best, bestD := "", 3
+	for _, n := range names {
+		if d := editDistance(s, n); d < bestD {
+			best, bestD = n, d
+		}
+	}
+	return best
+}
+
+func editDistance(a, b string) int {
+	prev := make([]int, len(b)+1)
+	cur := make([]int, len(b)+1)
+	for j := range prev {
+		prev[j] = j
+	}
+	for i := 1; i <= len(a); i++ {
+		cur[0] = i
+		for j := 1; j <= len(b); j++ {
+			cost := 1
+			if a[i-1] == b[j-1] {
+				cost = 0
+			}
+			cur[j] = min(prev[j]+1, cur[j-1]+1, prev[j-1]+cost)
+		}
+		prev, cur = cur, prev
+	}
+	return prev[len(b)]
 }

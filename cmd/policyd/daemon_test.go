@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -35,17 +36,6 @@ func TestMain(m *testing.M) {
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)
-}
-
-// freeAddr returns a loopback address nobody listens on right now.
-func freeAddr(t testing.TB) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer ln.Close()
-	return ln.Addr().String()
 }
 
 // logBuffer collects the daemon's stderr and lets a test wait for a line.
@@ -96,14 +86,18 @@ type proc struct {
 	cmd    *exec.Cmd
 	log    *logBuffer
 	policy string
+	milter string
 	http   string
 	done   chan error
 }
 
+// startDaemon runs policyd on ports the kernel picks (no port chosen ahead
+// and raced for) and reads them from its start-up log. The milter
+// listener is off unless args turn it on.
 func startDaemon(t testing.TB, args ...string) *proc {
 	t.Helper()
-	d := &proc{log: newLogBuffer(), policy: freeAddr(t), http: freeAddr(t), done: make(chan error, 1)}
-	all := append([]string{"serve", "--policy-listen", d.policy, "--http-listen", d.http, "--milter-listen", ""}, args...)
+	d := &proc{log: newLogBuffer(), done: make(chan error, 1)}
+	all := append([]string{"serve", "--policy-listen", "127.0.0.1:0", "--http-listen", "127.0.0.1:0", "--milter-listen", ""}, args...)
 	d.cmd = exec.Command(binPath, all...)
 	d.cmd.Stderr = d.log
 	d.cmd.Dir = t.TempDir()
@@ -119,8 +113,23 @@ func startDaemon(t testing.TB, args ...string) *proc {
 			t.Logf("daemon log:\n%s", d.log.String())
 		}
 	})
-	d.log.waitFor(t, "msg=\"http listening\"", 1)
+	d.log.waitFor(t, `msg="http listening"`, 1)
+	d.policy = d.log.listenAddr(`msg="policy delegation listening"`)
+	d.milter = d.log.listenAddr(`msg="milter listening"`)
+	d.http = d.log.listenAddr(`msg="http listening"`)
 	return d
+}
+
+// listenAddr finds the addr= of the log line holding msg.
+func (l *logBuffer) listenAddr(msg string) string {
+	for _, line := range strings.Split(l.String(), "\n") {
+		if strings.Contains(line, msg) {
+			if _, addr, ok := strings.Cut(line, " addr="); ok {
+				return strings.Fields(addr)[0]
+			}
+		}
+	}
+	return ""
 }
 
 // stop sends SIGTERM and returns the exit code.
@@ -235,7 +244,12 @@ func TestDaemonFinishesOpenRequestOnSIGTERM(t *testing.T) {
 		t.Fatal(got)
 	}
 	d.cmd.Process.Signal(syscall.SIGTERM)
-	d.log.waitFor(t, "stopping", 1)
+	// The idle connection is closed by the shutdown: once we see that,
+	// the busy one is known to have been kept open by it.
+	idle.SetReadDeadline(time.Now().Add(10 * time.Second))
+	if n, err := idle.Read(make([]byte, 1)); n != 0 || !errors.Is(err, io.EOF) {
+		t.Fatalf("idle connection after SIGTERM: %d bytes, %v", n, err)
+	}
 	io.WriteString(c, "client_address=192.0.2.1\nclient_port=5\n\n")
 	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
 	line, err := br.ReadString('\n')

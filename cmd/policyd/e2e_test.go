@@ -99,9 +99,8 @@ func TestPostfixPolicyWithSwaks(t *testing.T) {
 func TestPostfixMilterConnectionShaper(t *testing.T) {
 	cfg := t.TempDir()
 	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 3 exptime 3600\n"), 0o644)
-	milterAddr := freeAddr(t)
-	d := startDaemon(t, "--config", cfg, "--milter-listen", milterAddr, "--policy-listen", "")
-	pf := testmta.Start(t, testmta.Options{MilterAddr: milterAddr})
+	d := startDaemon(t, "--config", cfg, "--milter-listen", "127.0.0.1:0", "--policy-listen", "")
+	pf := testmta.Start(t, testmta.Options{MilterAddr: d.milter})
 
 	send := func(local string, rcpts ...string) testmta.Transcript {
 		t.Helper()

@@ -108,7 +108,7 @@ func (o *options) register(fs *flag.FlagSet) {
 
 // parseFlags parses args, then fills every flag not given from its
 // POLICYD_<NAME> environment twin: flags win over the environment.
-func parseFlags(fs *flag.FlagSet, args []string, env func(string) string) error {
+func parseFlags(fs *flag.FlagSet, args []string, env func(string) (string, bool)) error {
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -123,7 +123,8 @@ func parseFlags(fs *flag.FlagSet, args []string, env func(string) string) error 
 			return
 		}
 		name := "POLICYD_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
-		if v := env(name); v != "" {
+		// Set but empty counts: POLICYD_MILTER_LISTEN= disables the listener.
+		if v, ok := env(name); ok {
 			if err := f.Value.Set(v); err != nil {
 				errs = append(errs, fmt.Errorf("%s=%q: %w", name, v, err))
 			}
@@ -171,7 +172,7 @@ func check(args []string, stdout, stderr io.Writer) int {
 	fset := flag.NewFlagSet("policyd check", flag.ContinueOnError)
 	fset.SetOutput(stderr)
 	dir := fset.String("config", "", "config directory to check")
-	if err := parseFlags(fset, args, os.Getenv); err != nil {
+	if err := parseFlags(fset, args, os.LookupEnv); err != nil {
 		fmt.Fprintln(stderr, "policyd check:", err)
 		return 2
 	}

@@ -30,7 +30,7 @@ func serve(args []string, stderr io.Writer) int {
 	fset := flag.NewFlagSet("policyd serve", flag.ContinueOnError)
 	fset.SetOutput(stderr)
 	o.register(fset)
-	if err := parseFlags(fset, args, os.Getenv); err != nil {
+	if err := parseFlags(fset, args, os.LookupEnv); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}
@@ -45,14 +45,15 @@ func serve(args []string, stderr io.Writer) int {
 	// go-milter logs through the standard log package; this routes its
 	// lines (a broken packet, a dropped connection) into ours.
 	slog.SetDefault(log)
+	// Signals are caught before start-up, so a SIGTERM then still drains.
+	sigs := make(chan os.Signal, 4)
+	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
+	defer signal.Stop(sigs)
 	d, err := start(o, log)
 	if err != nil {
 		log.Error("policyd cannot start", "err", err)
 		return 1
 	}
-	sigs := make(chan os.Signal, 4)
-	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)
-	defer signal.Stop(sigs)
 	for sig := range sigs {
 		if sig == syscall.SIGHUP {
 			d.reload()
@@ -76,9 +77,7 @@ type daemon struct {
 	opts   rules.Options // what every chain is built with
 	chain  atomic.Pointer[rules.Chain]
 	store  store.Store
-	policy *postfixpolicy.Server
-	milter *milter.Server
-	httpd  *http.Server
+	fronts map[string]frontEnd
 	wg     sync.WaitGroup
 	ready  atomic.Bool
 }
@@ -86,6 +85,7 @@ type daemon struct {
 func openStore(o options) (store.Store, error) {
 	switch {
 	case o.storeURL == "memory":
+		// In-process calls cannot hang, so --store-timeout does not apply.
 		// Persistence under --state-dir arrives with the persisted
 		// embedded store; until then counters live in memory only.
 		return memory.New(memory.Options{}), nil
@@ -93,6 +93,13 @@ func openStore(o options) (store.Store, error) {
 		return nil, fmt.Errorf("store %q: the Redis backend is not built yet; use --store memory", o.storeURL)
 	}
 	return nil, fmt.Errorf("store %q: not a store URL (memory, redis://host:port/db)", o.storeURL)
+}
+
+// frontEnd is what serves on a listener: the policy and milter servers
+// and the HTTP server.
+type frontEnd interface {
+	Serve(net.Listener) error
+	Shutdown(context.Context) error
 }
 
 func start(o options, log *slog.Logger) (*daemon, error) {
@@ -104,7 +111,7 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &daemon{o: o, log: log, store: st}
+	d := &daemon{o: o, log: log, store: st, fronts: map[string]frontEnd{}}
 	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun}
 	c, err := d.load()
 	if err != nil {
@@ -112,65 +119,55 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 		return nil, err
 	}
 	d.chain.Store(c)
+	fronts := []struct {
+		name, addr string
+		mk         func() frontEnd
+	}{
+		{"policy delegation", o.policyListen, func() frontEnd {
+			return postfixpolicy.New(postfixpolicy.Config{Logger: log, MaxDelay: o.policyDelay}, d.chain.Load)
+		}},
+		{"milter", o.milterListen, func() frontEnd { return milter.New(milter.Config{Logger: log}, d.chain.Load) }},
+		{"http", o.httpListen, func() frontEnd {
+			return httpFront{&http.Server{Handler: d.httpHandler(), ReadHeaderTimeout: 5 * time.Second}}
+		}},
+	}
 	var lns []net.Listener
-	fail := func(err error) (*daemon, error) {
-		for _, ln := range lns {
-			ln.Close()
+	for _, f := range fronts {
+		if f.addr == "" {
+			continue
 		}
-		st.Close()
-		return nil, err
-	}
-	if o.policyListen != "" {
-		ln, err := listen.Listen(o.policyListen)
+		ln, err := listen.Listen(f.addr)
 		if err != nil {
-			return fail(err)
+			for _, l := range lns {
+				l.Close()
+			}
+			st.Close()
+			return nil, err
 		}
 		lns = append(lns, ln)
-		d.policy = postfixpolicy.New(postfixpolicy.Config{Logger: log, MaxDelay: o.policyDelay}, d.chain.Load)
-		d.wg.Add(1)
-		go func() {
-			defer d.wg.Done()
-			if err := d.policy.Serve(ln); err != nil {
-				log.Error("policy listener failed", "err", err)
+		fe := f.mk()
+		d.fronts[f.name] = fe
+		d.wg.Go(func() {
+			if err := fe.Serve(ln); err != nil {
+				log.Error("listener failed", "listener", f.name, "err", err)
 				d.ready.Store(false)
 			}
-		}()
-		log.Info("policy delegation listening", "addr", ln.Addr().String())
-	}
-	if o.milterListen != "" {
-		ln, err := listen.Listen(o.milterListen)
-		if err != nil {
-			return fail(err)
-		}
-		lns = append(lns, ln)
-		d.milter = milter.New(milter.Config{Logger: log}, d.chain.Load)
-		d.wg.Add(1)
-		go func() {
-			defer d.wg.Done()
-			if err := d.milter.Serve(ln); err != nil {
-				log.Error("milter listener failed", "err", err)
-				d.ready.Store(false)
-			}
-		}()
-		log.Info("milter listening", "addr", ln.Addr().String())
-	}
-	if o.httpListen != "" {
-		ln, err := listen.Listen(o.httpListen)
-		if err != nil {
-			return fail(err)
-		}
-		d.httpd = &http.Server{Handler: d.httpHandler(), ReadHeaderTimeout: 5 * time.Second}
-		d.wg.Add(1)
-		go func() {
-			defer d.wg.Done()
-			if err := d.httpd.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
-				log.Error("http listener failed", "err", err)
-			}
-		}()
-		log.Info("http listening", "addr", ln.Addr().String())
+		})
+		log.Info(f.name+" listening", "addr", ln.Addr().String())
 	}
 	d.ready.Store(true)
 	return d, nil
+}
+
+// httpFront adapts http.Server, whose Serve reports a normal shutdown as
+// an error.
+type httpFront struct{ *http.Server }
+
+func (h httpFront) Serve(ln net.Listener) error {
+	if err := h.Server.Serve(ln); !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
 }
 
 // load builds a chain from the config directory and logs it.
@@ -226,32 +223,23 @@ func (d *daemon) httpHandler() http.Handler {
 	return mux
 }
 
-// stop drains the front-ends within timeout, then closes the store.
+// stop drains the front-ends side by side within timeout, then closes
+// the store.
 func (d *daemon) stop(timeout time.Duration) error {
 	d.ready.Store(false)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	// Both front-ends stop accepting at once and drain side by side.
 	var mu sync.Mutex
 	var errs []error
 	var stops sync.WaitGroup
-	shut := func(name string, f func(context.Context) error) {
+	for name, fe := range d.fronts {
 		stops.Go(func() {
-			if err := f(ctx); err != nil {
+			if err := fe.Shutdown(ctx); err != nil {
 				mu.Lock()
 				errs = append(errs, fmt.Errorf("%s: %w", name, err))
 				mu.Unlock()
 			}
 		})
-	}
-	if d.policy != nil {
-		shut("policy", d.policy.Shutdown)
-	}
-	if d.milter != nil {
-		shut("milter", d.milter.Shutdown)
-	}
-	if d.httpd != nil {
-		shut("http", d.httpd.Shutdown)
 	}
 	stops.Wait()
 	d.wg.Wait()
