@@ -1,8 +1,8 @@
 package postfixpolicy
 
 import (
-	"context"
 	"container/list"
+	"context"
 	"sync"
 	"time"
 
