@@ -128,3 +128,39 @@ func TestPostfixMilterConnectionShaper(t *testing.T) {
 		t.Fatalf("policyd exit code %d", rc)
 	}
 }
+
+// The same scenario behind a private Sendmail 8.17 (INPUT_MAIL_FILTER).
+// Sendmail throws away the text of a connect-stage milter reply, so
+// policyd gives the refusal at HELO: the client sees the rule's own
+// 451 4.7.1 text at MAIL FROM, as behind Postfix.
+func TestSendmailMilterConnectionShaper(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 3 exptime 3600\n"), 0o644)
+	d := startDaemon(t, "--config", cfg, "--milter-listen", "127.0.0.1:0", "--policy-listen", "")
+	sm := testmta.StartSendmail(t, testmta.SendmailOptions{MilterAddr: d.milter})
+
+	send := func(local string, rcpts ...string) testmta.Transcript {
+		t.Helper()
+		tr := testmta.SendMail(t, sm.Addr(), local, "sender@example.org", rcpts)
+		if tr.Err != nil {
+			t.Fatalf("session from %s: %v\n%s", local, tr.Err, tr)
+		}
+		return tr
+	}
+	for i := 1; i <= 3; i++ {
+		if tr := send("127.0.0.2", "a@example.test", "b@example.test"); tr.Final().Code != 250 {
+			t.Fatalf("session %d not accepted:\n%s", i, tr)
+		}
+	}
+	tr := send("127.0.0.2", "a@example.test")
+	want := "451 4.7.1 Too many connections from your address (more than 3 in 1h0m0s), please try again later"
+	if got := tr.Reply("MAIL").String(); got != want {
+		t.Fatalf("4th session: MAIL got\n  %s\nwant\n  %s\n%s", got, want, tr)
+	}
+	if tr := send("127.0.0.3", "a@example.test"); tr.Final().Code != 250 {
+		t.Fatalf("other address refused:\n%s", tr)
+	}
+	if rc := d.stop(t); rc != 0 {
+		t.Fatalf("policyd exit code %d", rc)
+	}
+}

@@ -12,6 +12,9 @@
 // for Linux, where all of 127.0.0.0/8 is routed to the loopback interface,
 // so a session can use any 127.0.0.N as its source address without any
 // interface configuration.
+//
+// StartSendmail does the same with a private Sendmail 8.17 unpacked into
+// .cache/sendmail by scripts/install-deps.sh (see sendmail_mta.go).
 package testmta
 
 import (
