@@ -24,9 +24,41 @@ func (hung) Set(ctx context.Context, _ string, _ []byte, _ time.Duration) error 
 	<-ctx.Done()
 	return ctx.Err()
 }
-func (hung) Delete(ctx context.Context, _ string) error {
+func (hung) Delete(ctx context.Context, _ ...string) error {
 	<-ctx.Done()
 	return ctx.Err()
+}
+func (hung) SetNX(ctx context.Context, _ string, _ []byte, _ time.Duration) (bool, []byte, error) {
+	<-ctx.Done()
+	return false, nil, ctx.Err()
+}
+func (hung) HIncr(ctx context.Context, _ time.Duration, _ ...store.FieldIncr) error {
+	<-ctx.Done()
+	return ctx.Err()
+}
+func (hung) HGet(ctx context.Context, _ ...string) ([]map[string]int64, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+func (hung) Tally(ctx context.Context, _ string, _ time.Time, _, _ time.Duration) (int64, error) {
+	<-ctx.Done()
+	return 0, ctx.Err()
+}
+func (hung) Acquire(ctx context.Context, _, _ string, _ int64, _ time.Time, _ time.Duration) (bool, int64, error) {
+	<-ctx.Done()
+	return false, 0, ctx.Err()
+}
+func (hung) Release(ctx context.Context, _, _ string) error {
+	<-ctx.Done()
+	return ctx.Err()
+}
+func (hung) Scan(ctx context.Context, _ string) ([]string, error) {
+	<-ctx.Done()
+	return nil, ctx.Err()
+}
+func (hung) Inspect(ctx context.Context, _ string) (store.Entry, bool, error) {
+	<-ctx.Done()
+	return store.Entry{}, false, ctx.Err()
 }
 func (hung) Close() error { return nil }
 
@@ -37,7 +69,15 @@ func TestWithTimeout(t *testing.T) {
 	_, _, err2 := s.Get(ctx, "k")
 	err3 := s.Set(ctx, "k", nil, 0)
 	err4 := s.Delete(ctx, "k")
-	for i, err := range []error{err1, err2, err3, err4} {
+	_, _, err5 := s.SetNX(ctx, "k", nil, 0)
+	err6 := s.HIncr(ctx, 0, store.FieldIncr{Key: "k", Field: "f", Delta: 1})
+	_, err7 := s.HGet(ctx, "k")
+	_, err8 := s.Tally(ctx, "k", time.Now(), time.Hour, time.Hour)
+	_, _, err9 := s.Acquire(ctx, "k", "m", 1, time.Now(), time.Minute)
+	err10 := s.Release(ctx, "k", "m")
+	_, err11 := s.Scan(ctx, "k")
+	_, _, err12 := s.Inspect(ctx, "k")
+	for i, err := range []error{err1, err2, err3, err4, err5, err6, err7, err8, err9, err10, err11, err12} {
 		if !errors.Is(err, store.ErrUnavailable) {
 			t.Errorf("call %d: %v, want ErrUnavailable", i, err)
 		}

@@ -62,9 +62,22 @@ type Options struct {
 type entry struct {
 	val     []byte // never mutated once stored: Get copies it outside the lock
 	n       int64
-	expires int64 // unix nanoseconds; 0 means no expiry
-	isInt   bool
+	h       map[string]int64 // hash fields, or lease member -> expiry (unix ms)
+	expires int64            // unix nanoseconds; 0 means no expiry
+	kind    kind
 }
+
+// kind is what an entry holds.
+type kind uint8
+
+const (
+	kindBytes kind = iota
+	kindInt
+	kindHash
+	kindLeases
+)
+
+func (k kind) isString() bool { return k == kindBytes || k == kindInt }
 
 func (e *entry) expired(now int64) bool {
 	return e.expires != 0 && now >= e.expires
@@ -132,8 +145,10 @@ func New(opts Options) *Store {
 	return s
 }
 
+// shard picks a key's shard by its hash tag, as Redis Cluster picks a
+// slot, so the keys of one multi-key operation sit behind one lock.
 func (s *Store) shard(key string) *shard {
-	return &s.shards[maphash.String(s.seed, key)&s.mask]
+	return &s.shards[maphash.String(s.seed, store.HashTag(key))&s.mask]
 }
 
 func (s *Store) nowNanos() int64 {
@@ -176,14 +191,17 @@ func (sh *shard) incr(closed *atomic.Bool, key string, delta, now int64, ttl tim
 		return 0, errClosed
 	}
 	e, ok := sh.m[key]
-	if !ok || e.expired(now) {
-		e = entry{isInt: true, expires: deadline(now, ttl)}
-	} else if !e.isInt {
+	switch {
+	case !ok || e.expired(now):
+		e = entry{kind: kindInt, expires: deadline(now, ttl)}
+	case !e.kind.isString():
+		return 0, store.ErrWrongType
+	case e.kind == kindBytes:
 		v, ok := parseInt(e.val)
 		if !ok {
 			return 0, ErrNotInteger
 		}
-		e = entry{isInt: true, n: v, expires: e.expires}
+		e = entry{kind: kindInt, n: v, expires: e.expires}
 	}
 	sum := e.n + delta
 	if (delta > 0 && sum < e.n) || (delta < 0 && sum > e.n) {
@@ -219,7 +237,10 @@ func (s *Store) Get(ctx context.Context, key string) ([]byte, bool, error) {
 	if !ok {
 		return nil, false, nil
 	}
-	if e.isInt {
+	if !e.kind.isString() {
+		return nil, false, fmt.Errorf("memory get %s: %w", key, store.ErrWrongType)
+	}
+	if e.kind == kindInt {
 		return strconv.AppendInt(make([]byte, 0, 20), e.n, 10), true, nil
 	}
 	// Copying after unlock is safe because stored slices are never written.
@@ -252,17 +273,20 @@ func (s *Store) Set(ctx context.Context, key string, value []byte, ttl time.Dura
 }
 
 // Delete implements store.Store.
-func (s *Store) Delete(ctx context.Context, key string) error {
+func (s *Store) Delete(ctx context.Context, keys ...string) error {
 	if err := ctx.Err(); err != nil {
-		return fmt.Errorf("memory delete %s: %w", key, err)
+		return fmt.Errorf("memory delete: %w", err)
 	}
-	sh := s.shard(key)
-	sh.mu.Lock()
-	defer sh.mu.Unlock()
-	if s.closed.Load() {
-		return fmt.Errorf("memory delete %s: %w", key, errClosed)
+	for _, key := range keys {
+		sh := s.shard(key)
+		sh.mu.Lock()
+		if s.closed.Load() {
+			sh.mu.Unlock()
+			return fmt.Errorf("memory delete %s: %w", key, errClosed)
+		}
+		delete(sh.m, key)
+		sh.mu.Unlock()
 	}
-	delete(sh.m, key)
 	return nil
 }
 

@@ -80,6 +80,9 @@ func Run(t *testing.T, h Harness) {
 	} {
 		t.Run(tc.name, func(t *testing.T) { tc.fn(t, r) })
 	}
+	for _, tc := range opTests {
+		t.Run(tc.name, func(t *testing.T) { tc.fn(t, r) })
+	}
 }
 
 // runner hands out the per-subtest environments of one Run call.

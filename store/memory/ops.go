@@ -1,0 +1,266 @@
+package memory
+
+import (
+	"context"
+	"fmt"
+	"maps"
+	"sort"
+	"strings"
+	"time"
+
+	"github.com/policyd-mail/policyd/store"
+)
+
+// locked runs f on the shard of keys (which must share a hash tag, so they
+// share a shard) under its lock, after the checks every operation makes.
+func (s *Store) locked(ctx context.Context, op string, keys []string, f func(sh *shard, now int64) error) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	if err := ctx.Err(); err != nil {
+		return fmt.Errorf("memory %s %s: %w", op, keys[0], err)
+	}
+	if err := store.SameTag(keys...); err != nil {
+		return fmt.Errorf("memory %s: %w", op, err)
+	}
+	now := s.nowNanos()
+	sh := s.shard(keys[0])
+	sh.mu.Lock()
+	defer sh.mu.Unlock()
+	if s.closed.Load() {
+		return fmt.Errorf("memory %s %s: %w", op, keys[0], errClosed)
+	}
+	if err := f(sh, now); err != nil {
+		return fmt.Errorf("memory %s %s: %w", op, keys[0], err)
+	}
+	if len(sh.m) > sh.peak {
+		sh.peak = len(sh.m)
+	}
+	return nil
+}
+
+// live returns key's entry if it exists and has not expired; an expired
+// one is reclaimed on the way.
+func (sh *shard) live(key string, now int64) (entry, bool) {
+	e, ok := sh.m[key]
+	if ok && e.expired(now) {
+		delete(sh.m, key)
+		return entry{}, false
+	}
+	return e, ok
+}
+
+// SetNX implements store.Store.
+func (s *Store) SetNX(ctx context.Context, key string, value []byte, ttl time.Duration) (bool, []byte, error) {
+	v := make([]byte, len(value))
+	copy(v, value)
+	var stored bool
+	var cur entry
+	err := s.locked(ctx, "setnx", []string{key}, func(sh *shard, now int64) error {
+		e, ok := sh.live(key, now)
+		if !ok {
+			sh.m[key] = entry{val: v, expires: deadline(now, ttl)}
+			stored = true
+			return nil
+		}
+		if !e.kind.isString() {
+			return store.ErrWrongType
+		}
+		cur = e
+		return nil
+	})
+	if err != nil || stored {
+		return stored, nil, err
+	}
+	return false, cur.text(), nil
+}
+
+// text is a string entry's value as the caller's own bytes.
+func (e entry) text() []byte {
+	if e.kind == kindInt {
+		return fmt.Appendf(nil, "%d", e.n)
+	}
+	out := make([]byte, len(e.val))
+	copy(out, e.val)
+	return out
+}
+
+// HIncr implements store.Store.
+func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.FieldIncr) error {
+	keys := make([]string, len(incs))
+	for i, in := range incs {
+		keys[i] = in.Key
+	}
+	return s.locked(ctx, "hincr", keys, func(sh *shard, now int64) error {
+		// Check every key first, so a type error changes nothing.
+		for _, k := range keys {
+			if e, ok := sh.live(k, now); ok && e.kind != kindHash {
+				return store.ErrWrongType
+			}
+		}
+		exp := deadline(now, ttl)
+		for _, in := range incs {
+			e, ok := sh.m[in.Key]
+			if !ok {
+				e = entry{kind: kindHash, h: make(map[string]int64, 4)}
+			}
+			e.h[in.Field] += in.Delta
+			e.expires = exp
+			sh.m[in.Key] = e
+		}
+		return nil
+	})
+}
+
+// HGet implements store.Store.
+func (s *Store) HGet(ctx context.Context, keys ...string) ([]map[string]int64, error) {
+	out := make([]map[string]int64, len(keys))
+	err := s.locked(ctx, "hget", keys, func(sh *shard, now int64) error {
+		for i, k := range keys {
+			e, ok := sh.live(k, now)
+			if !ok {
+				continue
+			}
+			if e.kind != kindHash {
+				return store.ErrWrongType
+			}
+			out[i] = maps.Clone(e.h)
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// Tally implements store.Store.
+func (s *Store) Tally(ctx context.Context, key string, now time.Time, quiet, ttl time.Duration) (int64, error) {
+	var count int64
+	err := s.locked(ctx, "tally", []string{key}, func(sh *shard, clock int64) error {
+		e, ok := sh.live(key, clock)
+		switch {
+		case !ok:
+			e = entry{kind: kindHash, h: make(map[string]int64, 2)}
+		case e.kind != kindHash:
+			return store.ErrWrongType
+		}
+		nowMS := now.UnixMilli()
+		if last, seen := e.h[store.TallyLast]; !seen || nowMS-last > quiet.Milliseconds() {
+			e.h[store.TallyCount] = 0
+		}
+		e.h[store.TallyCount]++
+		e.h[store.TallyLast] = nowMS
+		e.expires = deadline(clock, ttl)
+		sh.m[key] = e
+		count = e.h[store.TallyCount]
+		return nil
+	})
+	return count, err
+}
+
+// Acquire implements store.Store.
+func (s *Store) Acquire(ctx context.Context, key, member string, limit int64, now time.Time, lease time.Duration) (bool, int64, error) {
+	var granted bool
+	var held int64
+	err := s.locked(ctx, "acquire", []string{key}, func(sh *shard, clock int64) error {
+		e, ok := sh.live(key, clock)
+		switch {
+		case !ok:
+			e = entry{kind: kindLeases, h: make(map[string]int64, 4)}
+		case e.kind != kindLeases:
+			return store.ErrWrongType
+		}
+		nowMS := now.UnixMilli()
+		maps.DeleteFunc(e.h, func(_ string, until int64) bool { return until <= nowMS })
+		_, mine := e.h[member]
+		others := int64(len(e.h))
+		if mine {
+			others--
+		}
+		if others < limit {
+			e.h[member] = nowMS + lease.Milliseconds()
+			granted = true
+		}
+		held = int64(len(e.h))
+		if held == 0 {
+			delete(sh.m, key)
+			return nil
+		}
+		e.expires = deadline(clock, lease)
+		sh.m[key] = e
+		return nil
+	})
+	return granted, held, err
+}
+
+// Release implements store.Store.
+func (s *Store) Release(ctx context.Context, key, member string) error {
+	return s.locked(ctx, "release", []string{key}, func(sh *shard, clock int64) error {
+		e, ok := sh.live(key, clock)
+		switch {
+		case !ok:
+			return nil
+		case e.kind != kindLeases:
+			return store.ErrWrongType
+		}
+		delete(e.h, member)
+		if len(e.h) == 0 {
+			delete(sh.m, key)
+		}
+		return nil
+	})
+}
+
+// Scan implements store.Store. It walks every shard, so it is for the
+// admin API, not for the mail path.
+func (s *Store) Scan(ctx context.Context, prefix string) ([]string, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, fmt.Errorf("memory scan: %w", err)
+	}
+	now := s.nowNanos()
+	var out []string
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		if s.closed.Load() {
+			sh.mu.Unlock()
+			return nil, fmt.Errorf("memory scan: %w", errClosed)
+		}
+		for k, e := range sh.m {
+			if strings.HasPrefix(k, prefix) && !e.expired(now) {
+				out = append(out, k)
+			}
+		}
+		sh.mu.Unlock()
+	}
+	sort.Strings(out)
+	return out, nil
+}
+
+// Inspect implements store.Store.
+func (s *Store) Inspect(ctx context.Context, key string) (store.Entry, bool, error) {
+	var out store.Entry
+	var found bool
+	err := s.locked(ctx, "inspect", []string{key}, func(sh *shard, now int64) error {
+		e, ok := sh.live(key, now)
+		if !ok {
+			return nil
+		}
+		found = true
+		out = store.Entry{Key: key}
+		if e.expires != 0 {
+			out.TTL = time.Duration(e.expires - now)
+		}
+		switch e.kind {
+		case kindHash:
+			out.Kind, out.Fields = store.KindHash, maps.Clone(e.h)
+		case kindLeases:
+			out.Kind, out.Fields = store.KindLeases, maps.Clone(e.h)
+		default:
+			out.Kind, out.Value = store.KindString, e.text()
+		}
+		return nil
+	})
+	return out, found, err
+}
