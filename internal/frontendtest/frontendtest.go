@@ -1,0 +1,225 @@
+// Package frontendtest runs one scenario of SMTP sessions through both
+// front-ends — the Postfix policy protocol as Postfix sends it with
+// smtpd_delay_reject=yes (everything at RCPT, then DATA and
+// END-OF-MESSAGE), and milter as Postfix sends it — so a rule's test can
+// show it behaves the same behind either (SPEC §3).
+package frontendtest
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	gomilter "github.com/emersion/go-milter"
+
+	"github.com/policyd-mail/policyd/milter"
+	"github.com/policyd-mail/policyd/postfixpolicy"
+	"github.com/policyd-mail/policyd/rules"
+	"github.com/policyd-mail/policyd/rules/rulestest"
+)
+
+// Session is one SMTP session of a scenario.
+type Session struct {
+	Client  string        // the client's IP
+	Helo    string        // default "client.example"
+	From    string        // default "sender@example.org"
+	Rcpts   []string      // default one recipient
+	NoData  bool          // stop after the recipients
+	Advance time.Duration // move the fake clock before the session
+}
+
+// Outcome is what the SMTP client saw, normalised so both protocols
+// compare: one line per recipient and for the message, "ok" or the
+// reply's class digit and text ("4 Too many connections").
+type Outcome []string
+
+func (o Outcome) String() string { return strings.Join(o, "; ") }
+
+// Both runs sessions through the policy front-end and the milter
+// front-end, each on a fresh chain built from plugins and files, and fails
+// t if the outcomes differ. It returns the outcomes for the caller's
+// own expectations.
+func Both(t *testing.T, plugins string, files map[string]string, sessions []Session) []Outcome {
+	t.Helper()
+	pol := Policy(t, plugins, files, sessions)
+	mil := Milter(t, plugins, files, sessions)
+	for i := range sessions {
+		if pol[i].String() != mil[i].String() {
+			t.Errorf("session %d (%s): policy and milter differ\n policy: %s\n milter: %s", i+1, sessions[i].Client, pol[i], mil[i])
+		}
+	}
+	return pol
+}
+
+func (s *Session) defaults() {
+	if s.Helo == "" {
+		s.Helo = "client.example"
+	}
+	if s.From == "" {
+		s.From = "sender@example.org"
+	}
+	if len(s.Rcpts) == 0 {
+		s.Rcpts = []string{"user@example.test"}
+	}
+}
+
+// Policy runs the scenario through the policy front-end.
+func Policy(t *testing.T, plugins string, files map[string]string, sessions []Session) []Outcome {
+	t.Helper()
+	h := rulestest.New(t, plugins, files)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := postfixpolicy.New(postfixpolicy.Config{Clock: h.Clock, MaxDelay: time.Millisecond}, func() *rules.Chain { return h.Chain })
+	go srv.Serve(ln)
+	defer srv.Shutdown(context.Background())
+	c, err := net.Dial("tcp", ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	ask := func(attrs ...string) string {
+		t.Helper()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "request=smtpd_access_policy\n%s\n\n", strings.Join(attrs, "\n"))
+		line, err := br.ReadString('\n')
+		if err != nil {
+			t.Fatalf("policy reply: %v", err)
+		}
+		br.ReadString('\n')
+		return normalise(strings.TrimPrefix(strings.TrimSpace(line), "action="))
+	}
+	var out []Outcome
+	for i, s := range sessions {
+		s.defaults()
+		h.Clock.Advance(s.Advance)
+		base := []string{"client_address=" + s.Client, "client_port=" + strconv.Itoa(10000+i), "helo_name=" + s.Helo,
+			"sender=" + s.From, "instance=" + fmt.Sprintf("1f.%x.0.0", i)}
+		var o Outcome
+		accepted := 0
+		for _, r := range s.Rcpts {
+			a := ask(append(base, "protocol_state=RCPT", "recipient="+r)...)
+			o = append(o, "rcpt "+r+": "+a)
+			if a == "ok" {
+				accepted++
+			}
+		}
+		if !s.NoData && accepted > 0 {
+			a := ask(append(base, "protocol_state=DATA", "recipient_count="+strconv.Itoa(accepted))...)
+			if a == "ok" {
+				a = ask(append(base, "protocol_state=END-OF-MESSAGE", "recipient_count="+strconv.Itoa(accepted))...)
+			}
+			o = append(o, "message: "+a)
+		}
+		out = append(out, o)
+	}
+	return out
+}
+
+// normalise turns "DUNNO" into "ok" and "450 4.7.1 text" into "4 text".
+func normalise(reply string) string {
+	if reply == "DUNNO" || reply == "" {
+		return "ok"
+	}
+	code, rest, _ := strings.Cut(reply, " ")
+	if len(code) != 3 {
+		return reply
+	}
+	if f := strings.SplitN(rest, " ", 2); len(f) == 2 && strings.Count(f[0], ".") == 2 {
+		rest = f[1]
+	}
+	return code[:1] + " " + strings.ReplaceAll(rest, "%%", "%")
+}
+
+// Milter runs the scenario through the milter front-end, one connection
+// per session, refusing what Postfix would refuse: a refused HELO or MAIL
+// refuses every recipient of the session.
+func Milter(t *testing.T, plugins string, files map[string]string, sessions []Session) []Outcome {
+	t.Helper()
+	h := rulestest.New(t, plugins, files)
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	srv := milter.New(milter.Config{Clock: h.Clock, MaxCommandDelay: time.Millisecond, MaxContentDelay: time.Millisecond}, func() *rules.Chain { return h.Chain })
+	go srv.Serve(ln)
+	defer srv.Shutdown(context.Background())
+	var out []Outcome
+	for i, s := range sessions {
+		s.defaults()
+		h.Clock.Advance(s.Advance)
+		out = append(out, milterSession(t, ln.Addr().String(), s, i))
+	}
+	return out
+}
+
+func milterSession(t *testing.T, addr string, s Session, i int) Outcome {
+	t.Helper()
+	cl := gomilter.NewClientWithOptions("tcp", addr, gomilter.ClientOptions{
+		Dialer:      &net.Dialer{Timeout: 5 * time.Second},
+		ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second,
+		ActionMask: gomilter.OptAddHeader,
+	})
+	ms, err := cl.Session()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer ms.Close()
+	reply := func(a *gomilter.Action, err error) string {
+		t.Helper()
+		if err != nil {
+			t.Fatalf("milter: %v", err)
+		}
+		if a.Code == gomilter.ActReplyCode {
+			return normalise(strconv.Itoa(a.SMTPCode) + " " + a.SMTPText)
+		}
+		if a.Code != gomilter.ActContinue {
+			return "action " + string(rune(a.Code))
+		}
+		return "ok"
+	}
+	var o Outcome
+	refuseAll := func(a string) Outcome {
+		for _, r := range s.Rcpts {
+			o = append(o, "rcpt "+r+": "+a)
+		}
+		return o
+	}
+	if a := reply(ms.Conn(s.Helo, gomilter.FamilyInet, uint16(10000+i), s.Client)); a != "ok" {
+		return refuseAll(a)
+	}
+	if a := reply(ms.Helo(s.Helo)); a != "ok" {
+		return refuseAll(a) // Postfix gives a HELO-stage reply at MAIL FROM
+	}
+	ms.Macros(gomilter.CodeMail, "i", fmt.Sprintf("Q%d", i))
+	if a := reply(ms.Mail("<"+s.From+">", nil)); a != "ok" {
+		return refuseAll(a)
+	}
+	accepted := 0
+	for _, r := range s.Rcpts {
+		a := reply(ms.Rcpt("<"+r+">", nil))
+		o = append(o, "rcpt "+r+": "+a)
+		if a == "ok" {
+			accepted++
+		}
+	}
+	if s.NoData || accepted == 0 {
+		ms.Abort()
+		return o
+	}
+	a := reply(ms.HeaderEnd())
+	if a == "ok" {
+		_, act, err := ms.End()
+		a = reply(act, err)
+	} else {
+		ms.Abort()
+	}
+	return append(o, "message: "+a)
+}
