@@ -85,7 +85,11 @@ func (b *Binder) Errorf(format string, args ...any) {
 }
 
 func (b *Binder) errAt(s Setting, format string, args ...any) {
-	*b.errs = append(*b.errs, ConfigError{Pos: s.Pos, Msg: b.rule + ": " + s.Key + ": " + fmt.Sprintf(format, args...)})
+	what := b.rule + ": "
+	if s.Key != "" {
+		what += s.Key + ": "
+	}
+	*b.errs = append(*b.errs, ConfigError{Pos: s.Pos, Msg: what + fmt.Sprintf(format, args...)})
 }
 
 // last returns the effective setting for a scalar key: the plugins line is
@@ -223,6 +227,35 @@ func (b *Binder) Prefixes(key string) *PrefixList {
 	}
 	b.record(key, "["+pl.String()+"]")
 	return &pl
+}
+
+// Strings binds a repeatable key: every occurrence, in order (the rule
+// file's lines first, then the plugins line).
+func (b *Binder) Strings(key string) []string {
+	var out []string
+	for _, s := range b.all(key) {
+		out = append(out, s.Value)
+	}
+	b.record(key, fmt.Sprintf("%q", out))
+	return out
+}
+
+// Lines returns the rule file's lines that are not "key value" pairs, for
+// rules whose Definition asks for RawLines (seed formats such as
+// spamthrottle's "ipblock:dir:st:..."). Each keeps its file:line.
+func (b *Binder) Lines() []Setting {
+	return b.all("")
+}
+
+// ErrorAt reports a problem with one setting, at its file:line.
+func (b *Binder) ErrorAt(s Setting, format string, args ...any) {
+	b.errAt(s, format, args...)
+}
+
+// Warnf reports something worth fixing that does not stop the rule, at
+// the rule's plugins line.
+func (b *Binder) Warnf(format string, args ...any) {
+	*b.warns = append(*b.warns, ConfigError{Pos: b.linePos, Msg: b.rule + ": " + fmt.Sprintf(format, args...), Warning: true})
 }
 
 // Obsolete accepts key for compatibility and warns that it has no effect.

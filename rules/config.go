@@ -136,6 +136,10 @@ func settingsFor(fsys fs.FS, dir string, pl PluginLine, def Definition, errs *Co
 			key, value = line[:i], line[i+1:]
 		}
 		value = unquote(strings.TrimSpace(value))
+		if value == "" && def.RawLines {
+			out = append(out, Setting{Key: "", Value: line, Pos: pos})
+			return
+		}
 		if value == "" {
 			*errs = append(*errs, ConfigError{Pos: pos, Msg: fmt.Sprintf("%s: %s: missing value (lines are \"key value\")", pl.Rule, key)})
 			return

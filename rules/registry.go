@@ -20,6 +20,10 @@ type Definition struct {
 	// for rules whose seed took positional arguments. Without it the
 	// arguments are "key value" pairs.
 	Positional func(args []string) ([]Setting, error)
+	// RawLines, when set, passes the rule file's lines that have no value
+	// (no blank after the first word) to the rule as settings with an
+	// empty Key, read with Binder.Lines, instead of rejecting them.
+	RawLines bool
 }
 
 var (
