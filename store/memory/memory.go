@@ -10,6 +10,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/maphash"
+	"log/slog"
 	"math"
 	"strconv"
 	"sync"
@@ -54,6 +55,20 @@ type Options struct {
 	// entries. 0 means 1s; negative disables the sweeper, leaving
 	// reclamation to Sweep (expired entries are invisible either way).
 	SweepInterval time.Duration
+
+	// Dir, when set, is where the store persists itself (--state-dir); use
+	// Open. See persist.go for the format and the loss bound.
+	Dir string
+	// FlushInterval is how often journal records reach the file (what a
+	// kill -9 can lose); default 200ms. SyncInterval is how often the
+	// file is fsynced (what a power failure can lose); default 1s.
+	FlushInterval time.Duration
+	SyncInterval  time.Duration
+	// CompactBytes is the journal size that triggers a new snapshot;
+	// default 64 MiB, negative disables.
+	CompactBytes int64
+	// Logger receives recovery and I/O problems; default discards.
+	Logger *slog.Logger
 }
 
 // entry is one key's value. A counter is kept as an int64 so Incr on an
@@ -87,6 +102,7 @@ type shard struct {
 	mu   sync.Mutex
 	m    map[string]entry // nil once the Store is closed
 	peak int              // largest len(m) since m was last allocated
+	j    *journal         // nil without persistence
 	// The pad keeps neighbouring shards' locks off one cache line, so
 	// sessions hitting different shards do not contend through false sharing.
 	_ [64]byte
@@ -100,6 +116,8 @@ type Store struct {
 	seed   maphash.Seed
 	now    func() time.Time
 
+	j         *journal // nil without persistence
+	interval  time.Duration
 	closed    atomic.Bool
 	closeOnce sync.Once
 	stop      chan struct{} // closed by Close to stop the sweeper
@@ -108,9 +126,43 @@ type Store struct {
 
 var _ store.Store = (*Store)(nil)
 
-// New returns an empty Store and, unless opts.SweepInterval is negative,
-// starts its background sweeper.
+// New returns an empty, unpersisted Store and, unless opts.SweepInterval
+// is negative, starts its background sweeper.
 func New(opts Options) *Store {
+	s := newStore(opts)
+	s.startSweeper()
+	return s
+}
+
+// Open returns a Store persisted under opts.Dir, loaded with what the
+// directory holds. Damaged state files are logged and skipped, never an
+// error; an unusable directory (not creatable, locked by another
+// process) is.
+func Open(opts Options) (*Store, error) {
+	if opts.Dir == "" {
+		return New(opts), nil
+	}
+	if opts.FlushInterval <= 0 {
+		opts.FlushInterval = 200 * time.Millisecond
+	}
+	if opts.SyncInterval <= 0 {
+		opts.SyncInterval = time.Second
+	}
+	if opts.CompactBytes == 0 {
+		opts.CompactBytes = 64 << 20
+	}
+	if opts.Logger == nil {
+		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	s := newStore(opts)
+	if err := openJournal(s, opts); err != nil {
+		return nil, err
+	}
+	s.startSweeper()
+	return s, nil
+}
+
+func newStore(opts Options) *Store {
 	n := opts.Shards
 	if n <= 0 {
 		n = defaultShards
@@ -133,16 +185,19 @@ func New(opts Options) *Store {
 	for i := range s.shards {
 		s.shards[i].m = make(map[string]entry)
 	}
-	interval := opts.SweepInterval
-	if interval == 0 {
-		interval = defaultSweepInterval
-	}
-	if interval > 0 {
-		s.stop = make(chan struct{})
-		s.done = make(chan struct{})
-		go s.sweepLoop(interval)
+	s.interval = opts.SweepInterval
+	if s.interval == 0 {
+		s.interval = defaultSweepInterval
 	}
 	return s
+}
+
+func (s *Store) startSweeper() {
+	if s.interval > 0 {
+		s.stop = make(chan struct{})
+		s.done = make(chan struct{})
+		go s.sweepLoop(s.interval)
+	}
 }
 
 // shard picks a key's shard by its hash tag, as Redis Cluster picks a
@@ -209,6 +264,9 @@ func (sh *shard) incr(closed *atomic.Bool, key string, delta, now int64, ttl tim
 	}
 	e.n = sum
 	sh.m[key] = e
+	if sh.j != nil {
+		sh.j.put(key, e)
+	}
 	if len(sh.m) > sh.peak {
 		sh.peak = len(sh.m)
 	}
@@ -265,7 +323,11 @@ func (s *Store) Set(ctx context.Context, key string, value []byte, ttl time.Dura
 	if s.closed.Load() {
 		return fmt.Errorf("memory set %s: %w", key, errClosed)
 	}
-	sh.m[key] = entry{val: v, expires: deadline(now, ttl)}
+	e := entry{val: v, expires: deadline(now, ttl)}
+	sh.m[key] = e
+	if sh.j != nil {
+		sh.j.put(key, e)
+	}
 	if len(sh.m) > sh.peak {
 		sh.peak = len(sh.m)
 	}
@@ -284,6 +346,9 @@ func (s *Store) Delete(ctx context.Context, keys ...string) error {
 			sh.mu.Unlock()
 			return fmt.Errorf("memory delete %s: %w", key, errClosed)
 		}
+		if _, ok := sh.m[key]; ok && sh.j != nil {
+			sh.j.del(key)
+		}
 		delete(sh.m, key)
 		sh.mu.Unlock()
 	}
@@ -299,6 +364,9 @@ func (s *Store) Close() error {
 		if s.stop != nil {
 			close(s.stop)
 			<-s.done
+		}
+		if s.j != nil {
+			s.j.close(s)
 		}
 		for i := range s.shards {
 			sh := &s.shards[i]

@@ -39,6 +39,22 @@ func (s *Store) locked(ctx context.Context, op string, keys []string, f func(sh 
 	return nil
 }
 
+// set stores e under key and journals it. The shard is locked.
+func (sh *shard) set(key string, e entry) {
+	sh.m[key] = e
+	if sh.j != nil {
+		sh.j.put(key, e)
+	}
+}
+
+// remove deletes key and journals it. The shard is locked.
+func (sh *shard) remove(key string) {
+	delete(sh.m, key)
+	if sh.j != nil {
+		sh.j.del(key)
+	}
+}
+
 // live returns key's entry if it exists and has not expired; an expired
 // one is reclaimed on the way.
 func (sh *shard) live(key string, now int64) (entry, bool) {
@@ -59,7 +75,7 @@ func (s *Store) SetNX(ctx context.Context, key string, value []byte, ttl time.Du
 	err := s.locked(ctx, "setnx", []string{key}, func(sh *shard, now int64) error {
 		e, ok := sh.live(key, now)
 		if !ok {
-			sh.m[key] = entry{val: v, expires: deadline(now, ttl)}
+			sh.set(key, entry{val: v, expires: deadline(now, ttl)})
 			stored = true
 			return nil
 		}
@@ -108,6 +124,11 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 			e.expires = exp
 			sh.m[in.Key] = e
 		}
+		if sh.j != nil {
+			for _, k := range keys {
+				sh.j.put(k, sh.m[k])
+			}
+		}
 		return nil
 	})
 }
@@ -152,7 +173,7 @@ func (s *Store) Tally(ctx context.Context, key string, now time.Time, quiet, ttl
 		e.h[store.TallyCount]++
 		e.h[store.TallyLast] = nowMS
 		e.expires = deadline(clock, ttl)
-		sh.m[key] = e
+		sh.set(key, e)
 		count = e.h[store.TallyCount]
 		return nil
 	})
@@ -184,11 +205,11 @@ func (s *Store) Acquire(ctx context.Context, key, member string, limit int64, no
 		}
 		held = int64(len(e.h))
 		if held == 0 {
-			delete(sh.m, key)
+			sh.remove(key)
 			return nil
 		}
 		e.expires = deadline(clock, lease)
-		sh.m[key] = e
+		sh.set(key, e)
 		return nil
 	})
 	return granted, held, err
@@ -206,8 +227,10 @@ func (s *Store) Release(ctx context.Context, key, member string) error {
 		}
 		delete(e.h, member)
 		if len(e.h) == 0 {
-			delete(sh.m, key)
+			sh.remove(key)
+			return nil
 		}
+		sh.set(key, e)
 		return nil
 	})
 }
