@@ -33,6 +33,7 @@ command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need+=(postfix
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
 command -v miltertest >/dev/null 2>&1 || need+=(miltertest)
+command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 
 if [ ${#need[@]} -gt 0 ]; then
   if ! is_root_with_apt; then

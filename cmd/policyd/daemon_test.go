@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -113,17 +114,26 @@ func startDaemon(t testing.TB, args ...string) *proc {
 			t.Logf("daemon log:\n%s", d.log.String())
 		}
 	})
-	d.log.waitFor(t, `msg="http listening"`, 1)
-	d.policy = d.log.listenAddr(`msg="policy delegation listening"`)
-	d.milter = d.log.listenAddr(`msg="milter listening"`)
-	d.http = d.log.listenAddr(`msg="http listening"`)
+	// Matches the line in either log format: msg="..." or "msg":"...".
+	d.log.waitFor(t, `"http listening"`, 1)
+	d.policy = d.log.listenAddr("policy delegation listening")
+	d.milter = d.log.listenAddr("milter listening")
+	d.http = d.log.listenAddr("http listening")
 	return d
 }
 
-// listenAddr finds the addr= of the log line holding msg.
+// listenAddr finds the addr of the log line whose message is msg, in the
+// text or the JSON log format.
 func (l *logBuffer) listenAddr(msg string) string {
 	for _, line := range strings.Split(l.String(), "\n") {
-		if strings.Contains(line, msg) {
+		if strings.HasPrefix(line, "{") {
+			var rec struct{ Msg, Addr string }
+			if json.Unmarshal([]byte(line), &rec) == nil && rec.Msg == msg {
+				return rec.Addr
+			}
+			continue
+		}
+		if strings.Contains(line, `msg="`+msg+`"`) {
 			if _, addr, ok := strings.Cut(line, " addr="); ok {
 				return strings.Fields(addr)[0]
 			}

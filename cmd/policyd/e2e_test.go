@@ -10,6 +10,15 @@ import (
 	"github.com/policyd-mail/policyd/internal/testmta"
 )
 
+// deployPolicyOptions runs Postfix with deploy/postfix/main.cf-policy.
+// That snippet lets mynetworks through before policyd and relies on
+// reject_unauth_destination, so the test clients (127.0.0.2 and up) are
+// taken out of mynetworks and example.test is made a relay domain.
+func deployPolicyOptions(t testing.TB, addr string) testmta.Options {
+	return testmta.Options{ExtraMainCF: append([]string{"mynetworks = 127.0.0.1/32", "relay_domains = example.test"},
+		deployMainCF(t, "main.cf-policy", addr)...)}
+}
+
 // Through a real Postfix: check_policy_service at RCPT, smtpd_delay_reject
 // on, connection_shaper threshold 3. Sessions 1–3 from one address are
 // accepted, the 4th gets 450 4.7.1 at RCPT, another address still gets
@@ -19,7 +28,7 @@ func TestPostfixPolicyConnectionShaper(t *testing.T) {
 	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("whitelist\nconnection_shaper threshold 3 exptime 3600\n"), 0o644)
 	os.WriteFile(filepath.Join(cfg, "whitelist"), []byte("clients 127.0.0.200\n"), 0o644)
 	d := startDaemon(t, "--config", cfg)
-	pf := testmta.Start(t, testmta.Options{PolicyAddr: d.policy})
+	pf := testmta.Start(t, deployPolicyOptions(t, d.policy))
 
 	send := func(local string, rcpts ...string) testmta.Transcript {
 		t.Helper()
@@ -68,6 +77,10 @@ func TestPostfixPolicyConnectionShaper(t *testing.T) {
 	if !strings.Contains(d.log.String(), "client=127.0.0.2") {
 		t.Fatalf("decision line lacks the client:\n%s", d.log.String())
 	}
+	hasSeries(t, scrape(t, d),
+		`policyd_decisions_total{answer="DENYSOFT",dry_run="false",hook="connect",protocol="policy",rule="connection_shaper"} 1`,
+		`policyd_store_operations_total{op="incr",result="ok"} 6`,
+	)
 	if rc := d.stop(t); rc != 0 {
 		t.Fatalf("policyd exit code %d", rc)
 	}
@@ -78,7 +91,7 @@ func TestPostfixPolicyWithSwaks(t *testing.T) {
 	cfg := t.TempDir()
 	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 1 text \"Slow down\"\n"), 0o644)
 	d := startDaemon(t, "--config", cfg)
-	pf := testmta.Start(t, testmta.Options{PolicyAddr: d.policy})
+	pf := testmta.Start(t, deployPolicyOptions(t, d.policy))
 	host, port, _ := strings.Cut(pf.Addr(), ":")
 	swaks := func() string {
 		out, _ := testmta.Swaks(t, "--server", host, "--port", port, "--local-interface", "127.0.0.5",
@@ -100,7 +113,7 @@ func TestPostfixMilterConnectionShaper(t *testing.T) {
 	cfg := t.TempDir()
 	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 3 exptime 3600\n"), 0o644)
 	d := startDaemon(t, "--config", cfg, "--milter-listen", "127.0.0.1:0", "--policy-listen", "")
-	pf := testmta.Start(t, testmta.Options{MilterAddr: d.milter})
+	pf := testmta.Start(t, testmta.Options{ExtraMainCF: deployMainCF(t, "main.cf-milter", d.milter)})
 
 	send := func(local string, rcpts ...string) testmta.Transcript {
 		t.Helper()
@@ -124,6 +137,11 @@ func TestPostfixMilterConnectionShaper(t *testing.T) {
 	if tr := send("127.0.0.3", "a@example.test"); tr.Final().Code != 250 {
 		t.Fatalf("other address refused:\n%s", tr)
 	}
+	hasSeries(t, scrape(t, d),
+		`policyd_decisions_total{answer="DENYSOFT",dry_run="false",hook="connect",protocol="milter",rule="connection_shaper"} 1`,
+		`~policyd_hook_duration_seconds_count\{hook="data_post",protocol="milter"\} [1-9]\d*`,
+		`~policyd_sessions_open\{protocol="milter"\} \d+`,
+	)
 	if rc := d.stop(t); rc != 0 {
 		t.Fatalf("policyd exit code %d", rc)
 	}
@@ -137,7 +155,7 @@ func TestSendmailMilterConnectionShaper(t *testing.T) {
 	cfg := t.TempDir()
 	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 3 exptime 3600\n"), 0o644)
 	d := startDaemon(t, "--config", cfg, "--milter-listen", "127.0.0.1:0", "--policy-listen", "")
-	sm := testmta.StartSendmail(t, testmta.SendmailOptions{MilterAddr: d.milter})
+	sm := testmta.StartSendmail(t, testmta.SendmailOptions{MilterAddr: d.milter, MilterFlags: deployMilterFlags(t)})
 
 	send := func(local string, rcpts ...string) testmta.Transcript {
 		t.Helper()
@@ -160,6 +178,11 @@ func TestSendmailMilterConnectionShaper(t *testing.T) {
 	if tr := send("127.0.0.3", "a@example.test"); tr.Final().Code != 250 {
 		t.Fatalf("other address refused:\n%s", tr)
 	}
+	hasSeries(t, scrape(t, d),
+		`policyd_decisions_total{answer="DENYSOFT",dry_run="false",hook="connect",protocol="milter",rule="connection_shaper"} 1`,
+		`~policyd_hook_duration_seconds_count\{hook="data_post",protocol="milter"\} [1-9]\d*`,
+		`~policyd_sessions_open\{protocol="milter"\} \d+`,
+	)
 	if rc := d.stop(t); rc != 0 {
 		t.Fatalf("policyd exit code %d", rc)
 	}

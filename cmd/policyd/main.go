@@ -35,6 +35,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return serve(args, stderr)
 	case "check":
 		return check(args, stdout, stderr)
+	case "simulate":
+		return simulate(args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "policyd", versionString())
 		return 0
@@ -50,11 +52,23 @@ func run(args []string, stdout, stderr io.Writer) int {
 func usage(w io.Writer) {
 	fmt.Fprint(w, `usage: policyd [serve] [flags]     run the daemon (policyd serve -h for flags)
        policyd check [--config DIR]  validate a config directory, print the chain
+       policyd simulate --ip A [--helo H] [--from S] [--rcpt R]... [flags]
+                                     run one SMTP session through the chain (-h for flags)
        policyd version
 `)
 }
 
 func versionString() string {
+	v := buildVersion()
+	if bi, ok := debug.ReadBuildInfo(); ok {
+		v += " " + bi.GoVersion
+	}
+	return strings.TrimSpace(v)
+}
+
+// buildVersion is policyd's version without the Go version: the one set
+// at build time, else the module version and VCS revision Go recorded.
+func buildVersion() string {
 	v := version
 	bi, ok := debug.ReadBuildInfo()
 	if v == "" && ok {
@@ -64,9 +78,6 @@ func versionString() string {
 				v += " " + s.Value[:12]
 			}
 		}
-	}
-	if ok {
-		v += " " + bi.GoVersion
 	}
 	return strings.TrimSpace(v)
 }
@@ -93,8 +104,8 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.config, "config", "", "config directory (default ./config if it exists, else the built-in chain)")
 	fs.StringVar(&o.policyListen, "policy-listen", "127.0.0.1:10040", "policy delegation listener, host:port or unix:/path; empty disables")
 	fs.StringVar(&o.milterListen, "milter-listen", "127.0.0.1:10041", "milter listener, host:port or unix:/path; empty disables")
-	fs.StringVar(&o.httpListen, "http-listen", "127.0.0.1:10042", "HTTP listener for /healthz and /readyz; empty disables")
-	fs.StringVar(&o.storeURL, "store", "memory", "store: memory (embedded)")
+	fs.StringVar(&o.httpListen, "http-listen", "127.0.0.1:10042", "HTTP listener for /metrics, /healthz and /readyz; empty disables")
+	fs.StringVar(&o.storeURL, "store", "memory", "store: memory (embedded, persisted under --state-dir), redis://host:port/db, rediss://…, redis+sentinel://h1:p,h2:p/master, redis+cluster://h1:p,h2:p")
 	fs.StringVar(&o.stateDir, "state-dir", "./state", "where the embedded store persists its data")
 	fs.DurationVar(&o.storeTimeout, "store-timeout", 100*time.Millisecond, "bound on every store call")
 	fs.StringVar(&o.onStoreError, "on-store-error", "continue", "answer when the store fails: continue or tempfail")

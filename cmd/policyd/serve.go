@@ -11,6 +11,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"runtime"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -18,11 +19,13 @@ import (
 	"time"
 
 	"github.com/policyd-mail/policyd/internal/listen"
+	"github.com/policyd-mail/policyd/metrics"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/postfixpolicy"
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/store"
 	"github.com/policyd-mail/policyd/store/memory"
+	redisstore "github.com/policyd-mail/policyd/store/redis"
 )
 
 func serve(args []string, stderr io.Writer) int {
@@ -72,27 +75,40 @@ func serve(args []string, stderr io.Writer) int {
 
 // daemon is a running policyd: its chain, store and front-ends.
 type daemon struct {
-	o      options
-	log    *slog.Logger
-	opts   rules.Options // what every chain is built with
-	chain  atomic.Pointer[rules.Chain]
-	store  store.Store
-	fronts map[string]frontEnd
-	wg     sync.WaitGroup
-	ready  atomic.Bool
+	o       options
+	log     *slog.Logger
+	opts    rules.Options // what every chain is built with
+	chain   atomic.Pointer[rules.Chain]
+	store   store.Store
+	metrics *metrics.Registry
+	fronts  map[string]frontEnd
+	wg      sync.WaitGroup
+	ready   atomic.Bool
 }
 
 func openStore(o options) (store.Store, error) {
 	switch {
 	case o.storeURL == "memory":
 		// In-process calls cannot hang, so --store-timeout does not apply.
-		// Persistence under --state-dir arrives with the persisted
-		// embedded store; until then counters live in memory only.
-		return memory.New(memory.Options{}), nil
+		// The store persists itself under --state-dir (store/memory/persist.go).
+		st, err := memory.Open(memory.Options{Dir: o.stateDir, Logger: slog.Default()})
+		if err != nil {
+			return nil, fmt.Errorf("store memory: %w", err)
+		}
+		return st, nil
 	case strings.HasPrefix(o.storeURL, "redis"):
-		return nil, fmt.Errorf("store %q: the Redis backend is not built yet; use --store memory", o.storeURL)
+		// The Redis store bounds every call by --store-timeout itself
+		// (and fails at once while its breaker is open), so it is not
+		// wrapped in store.WithTimeout. An unreachable Redis does not
+		// stop start-up: mail flows per --on-store-error until it is back.
+		redisstore.SetClientLogger(slog.Default())
+		st, err := redisstore.Open(o.storeURL, redisstore.Options{Timeout: o.storeTimeout, Logger: slog.Default()})
+		if err != nil {
+			return nil, err
+		}
+		return st, nil
 	}
-	return nil, fmt.Errorf("store %q: not a store URL (memory, redis://host:port/db)", o.storeURL)
+	return nil, fmt.Errorf("store %q: not a store URL (memory, redis://host:port/db, redis+sentinel://h1:p,h2:p/master, redis+cluster://h1:p,h2:p)", o.storeURL)
 }
 
 // frontEnd is what serves on a listener: the policy and milter servers
@@ -111,8 +127,10 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	d := &daemon{o: o, log: log, store: st, fronts: map[string]frontEnd{}}
-	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun}
+	m := metrics.New(metrics.BuildInfo{Version: buildVersion(), GoVersion: runtime.Version()})
+	st = metrics.InstrumentStore(st, m)
+	d := &daemon{o: o, log: log, store: st, metrics: m, fronts: map[string]frontEnd{}}
+	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m}
 	c, err := d.load()
 	if err != nil {
 		st.Close()
@@ -124,9 +142,15 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 		mk         func() frontEnd
 	}{
 		{"policy delegation", o.policyListen, func() frontEnd {
-			return postfixpolicy.New(postfixpolicy.Config{Logger: log, MaxDelay: o.policyDelay}, d.chain.Load)
+			srv := postfixpolicy.New(postfixpolicy.Config{Logger: log, MaxDelay: o.policyDelay}, d.chain.Load)
+			m.SessionsOpen("policy", srv.Sessions)
+			return srv
 		}},
-		{"milter", o.milterListen, func() frontEnd { return milter.New(milter.Config{Logger: log}, d.chain.Load) }},
+		{"milter", o.milterListen, func() frontEnd {
+			srv := milter.New(milter.Config{Logger: log}, d.chain.Load)
+			m.SessionsOpen("milter", srv.Open)
+			return srv
+		}},
 		{"http", o.httpListen, func() frontEnd {
 			return httpFront{&http.Server{Handler: d.httpHandler(), ReadHeaderTimeout: 5 * time.Second}}
 		}},
@@ -200,6 +224,7 @@ func (d *daemon) load() (*rules.Chain, error) {
 // reload builds the new chain aside; a bad config keeps the old one.
 func (d *daemon) reload() {
 	c, err := d.load()
+	d.metrics.ConfigReload(err == nil)
 	if err != nil {
 		d.log.Error("reload refused, the previous chain keeps running", "err", err)
 		return
@@ -210,6 +235,7 @@ func (d *daemon) reload() {
 
 func (d *daemon) httpHandler() http.Handler {
 	mux := http.NewServeMux()
+	mux.Handle("GET /metrics", d.metrics.Handler())
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		io.WriteString(w, "ok\n")
 	})

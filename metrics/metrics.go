@@ -1,0 +1,166 @@
+// Package metrics is policyd's Prometheus instrumentation (SPEC §7): the
+// engine's decisions and hook latencies, the store's operations, open
+// sessions, config reloads, plus the Go and process collectors, all on a
+// private registry that the daemon serves on /metrics.
+//
+// No label ever holds a client address, a sender or a recipient: label
+// values come from the configuration (rule names), the code (hooks,
+// answers, store operations) or the protocol name, so the number of series
+// is bounded whatever the traffic.
+package metrics
+
+import (
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/policyd-mail/policyd/rules"
+)
+
+// Namespace starts every policyd series. A rule's own series, when a rule
+// has some, use the rule name as subsystem: policyd_<rule>_<name>.
+const Namespace = "policyd"
+
+// Buckets of policyd_hook_duration_seconds: one hook runs every rule that
+// implements it, each usually one store round trip (microseconds on the
+// embedded store, a millisecond on Redis), so the buckets are dense below
+// 10ms and reach a few seconds for a store at its --store-timeout on
+// every rule.
+var hookBuckets = []float64{.0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5}
+
+// Buckets of policyd_store_duration_seconds: one operation, from an
+// in-process map (tens of microseconds) to a Redis call near the default
+// 100ms --store-timeout and beyond.
+var storeBuckets = []float64{.00005, .0001, .00025, .0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1}
+
+// BuildInfo labels policyd_build_info.
+type BuildInfo struct {
+	Version   string // policyd's version, "" when unknown
+	GoVersion string // runtime.Version()
+}
+
+// Registry holds policyd's metrics on a registry of its own. It implements
+// rules.Metrics, so a chain built with it counts into it.
+type Registry struct {
+	reg *prometheus.Registry
+
+	decisions  *prometheus.CounterVec
+	hookDur    *prometheus.HistogramVec
+	ruleErrors *prometheus.CounterVec
+	panics     *prometheus.CounterVec
+	reloads    *prometheus.CounterVec
+	storeOps   *prometheus.CounterVec
+	storeDur   *prometheus.HistogramVec
+}
+
+var _ rules.Metrics = (*Registry)(nil)
+
+// New makes the registry with every policyd series registered.
+func New(bi BuildInfo) *Registry {
+	r := &Registry{reg: prometheus.NewRegistry()}
+	r.decisions = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "decisions_total",
+		Help: "Decisions other than DECLINED, by front-end protocol, hook, rule instance and answer; dry_run=\"true\" for decisions that were logged and counted but not given to the MTA.",
+	}, []string{"protocol", "hook", "rule", "answer", "dry_run"})
+	r.hookDur = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: Namespace, Name: "hook_duration_seconds",
+		Help:    "Time the rule chain took to answer one hook (a rule's teergrubing delay, which the front-end holds, is not included).",
+		Buckets: hookBuckets,
+	}, []string{"protocol", "hook"})
+	r.ruleErrors = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "rule_errors_total",
+		Help: "Times a rule could not decide, by rule instance and kind (store: the store failed or timed out; panic: the rule panicked and was recovered).",
+	}, []string{"rule", "kind"})
+	r.panics = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "panics_total",
+		Help: "Rule panics recovered by the engine, by rule instance (also counted in policyd_rule_errors_total{kind=\"panic\"}).",
+	}, []string{"rule"})
+	r.reloads = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "config_reloads_total",
+		Help: "Configuration reloads (SIGHUP) by result; on failure the previous chain keeps running.",
+	}, []string{"result"})
+	r.storeOps = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "store_operations_total",
+		Help: "Store operations by operation and result (ok, unavailable: down or timed out, canceled: the session's context ended, error: anything else).",
+	}, []string{"op", "result"})
+	r.storeDur = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: Namespace, Name: "store_duration_seconds",
+		Help:    "Time one store operation took, whatever its result.",
+		Buckets: storeBuckets,
+	}, []string{"op"})
+	build := prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: Namespace, Name: "build_info",
+		Help:        "Always 1; the labels name the running build.",
+		ConstLabels: prometheus.Labels{"version": orUnknown(bi.Version), "goversion": orUnknown(bi.GoVersion)},
+	})
+	build.Set(1)
+
+	r.reg.MustRegister(r.decisions, r.hookDur, r.ruleErrors, r.panics, r.reloads, r.storeOps, r.storeDur, build,
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+	)
+	// Both results exist from the start, so an alert on the increase of
+	// failures fires at the first one rather than at the second.
+	for _, res := range []string{"success", "failure"} {
+		r.reloads.WithLabelValues(res)
+	}
+	return r
+}
+
+func orUnknown(s string) string {
+	if s == "" {
+		return "unknown"
+	}
+	return s
+}
+
+// Gatherer is the registry, for tests and for serving it elsewhere.
+func (r *Registry) Gatherer() prometheus.Gatherer { return r.reg }
+
+// Handler serves the registry in the Prometheus exposition formats.
+func (r *Registry) Handler() http.Handler {
+	return promhttp.HandlerFor(r.reg, promhttp.HandlerOpts{Registry: r.reg, ErrorHandling: promhttp.ContinueOnError})
+}
+
+// SessionsOpen exports f, read at every scrape, as
+// policyd_sessions_open{protocol}. Call it once per protocol.
+func (r *Registry) SessionsOpen(protocol string, f func() int) {
+	r.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: Namespace, Name: "sessions_open",
+		Help:        "SMTP sessions a front-end holds right now (milter: open connections; policy: sessions tracked between requests).",
+		ConstLabels: prometheus.Labels{"protocol": protocol},
+	}, func() float64 { return float64(f()) }))
+}
+
+// ConfigReload counts one reload of the configuration directory.
+func (r *Registry) ConfigReload(ok bool) {
+	if ok {
+		r.reloads.WithLabelValues("success").Inc()
+	} else {
+		r.reloads.WithLabelValues("failure").Inc()
+	}
+}
+
+// Decision counts one decision other than DECLINED (rules.Metrics).
+func (r *Registry) Decision(protocol string, h rules.Hook, rule string, c rules.Code, dryRun bool) {
+	r.decisions.WithLabelValues(protocol, h.String(), rule, c.String(), strconv.FormatBool(dryRun)).Inc()
+}
+
+// HookDuration observes one run of a hook (rules.Metrics).
+func (r *Registry) HookDuration(protocol string, h rules.Hook, d time.Duration) {
+	r.hookDur.WithLabelValues(protocol, h.String()).Observe(d.Seconds())
+}
+
+// RuleError counts a rule that could not decide (rules.Metrics). The hook
+// is left out of the labels: which rule fails, and how, is what an
+// operator acts on; the log line has the hook.
+func (r *Registry) RuleError(rule string, _ rules.Hook, kind string) {
+	r.ruleErrors.WithLabelValues(rule, kind).Inc()
+	if kind == "panic" {
+		r.panics.WithLabelValues(rule).Inc()
+	}
+}

@@ -1,0 +1,51 @@
+// Package badrcptto refuses listed envelope recipients, after qpsmtpd's
+// check_badrcptto.
+package badrcptto
+
+import (
+	"context"
+
+	"github.com/policyd-mail/policyd/rules"
+	"github.com/policyd-mail/policyd/rules/badmailfrom"
+)
+
+func init() {
+	rules.Register(rules.Definition{Name: "badrcptto", Setup: setup})
+}
+
+// BadRcptTo holds the listed recipients.
+type BadRcptTo struct {
+	rcpts badmailfrom.List
+}
+
+var _ rules.RcptHook = (*BadRcptTo)(nil)
+
+func setup(b *rules.Binder, _ rules.Env) (any, error) {
+	r := &BadRcptTo{}
+	for _, v := range b.Strings("recipient") {
+		addr, reason := badmailfrom.Entry(v)
+		if err := r.rcpts.Add(addr, reason); err != nil {
+			b.Errorf("recipient: %v", err)
+		}
+	}
+	if r.rcpts.Len() == 0 {
+		b.Warnf("no recipient listed: the rule refuses nothing")
+	}
+	return r, nil
+}
+
+// Rcpt refuses a listed recipient, with the entry's reason or qpsmtpd's
+// "mail to <entry> not accepted here".
+func (r *BadRcptTo) Rcpt(_ context.Context, s *rules.Session) (rules.Result, error) {
+	if s.Txn == nil {
+		return rules.Result{}, nil
+	}
+	entry, reason, ok := r.rcpts.Match(s.Txn.Rcpt)
+	if !ok {
+		return rules.Result{}, nil
+	}
+	if reason == "" {
+		reason = "mail to " + entry + " not accepted here"
+	}
+	return rules.Decided(rules.Deny, reason), nil
+}
