@@ -163,7 +163,11 @@ func (s *Session) DataPost(ctx context.Context) Decision {
 	}
 	d := s.Data(ctx)
 	if !d.Refuses() {
-		d = s.chain.Run(ctx, HookDataPost, s)
+		// A delay the data hook decided here (no DATA event came first)
+		// must not be lost: it adds to data_post's.
+		dp := s.chain.Run(ctx, HookDataPost, s)
+		dp.Delay += d.Delay
+		d = dp
 	}
 	s.Reset(ctx)
 	return d

@@ -10,6 +10,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"runtime"
 	"strconv"
 	"strings"
 	"testing"
@@ -156,6 +157,15 @@ func Milter(t *testing.T, plugins string, files map[string]string, sessions []Se
 		s.defaults()
 		h.Clock.Advance(s.Advance)
 		out = append(out, milterSession(t, ln.Addr().String(), s, i))
+		// Sessions are sequential, as in the policy run: wait until the
+		// server has ended this one (its disconnect hook has run).
+		deadline := time.Now().Add(10 * time.Second)
+		for srv.Open() > 0 {
+			if time.Now().After(deadline) {
+				t.Fatalf("milter session %d still open on the server", i+1)
+			}
+			runtime.Gosched()
+		}
 	}
 	return out
 }
