@@ -1,7 +1,9 @@
 package main
 
 import (
+	"bufio"
 	"fmt"
+	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -185,5 +187,40 @@ func TestSendmailMilterConnectionShaper(t *testing.T) {
 	)
 	if rc := d.stop(t); rc != 0 {
 		t.Fatalf("policyd exit code %d", rc)
+	}
+}
+
+// deny_repeat_offenders fed by badmailfrom: three refused sessions, then
+// a daemon restart on the same --state-dir, and the client's next session
+// is still refused at connect; another client is not.
+func TestRepeatOffenderSurvivesRestart(t *testing.T) {
+	cfg, state := t.TempDir(), t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("deny_repeat_offenders threshold 3\nbadmailfrom\n"), 0o644)
+	os.WriteFile(filepath.Join(cfg, "badmailfrom"), []byte("sender spam@example.org\n"), 0o644)
+	ask := func(d *proc, client, port, sender string) string {
+		t.Helper()
+		c, err := net.Dial("tcp", d.policy)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		return policyAsk(t, c, bufio.NewReader(c), "protocol_state=RCPT", "client_address="+client, "client_port="+port,
+			"helo_name=h.example", "sender="+sender, "recipient=r@example.test", "instance=a.b.c.0")
+	}
+	d := startDaemon(t, "--config", cfg, "--state-dir", state)
+	for i := 1; i <= 3; i++ {
+		if got := ask(d, "192.0.2.66", fmt.Sprint(i), "spam@example.org"); !strings.HasPrefix(got, "action=550 5.7.1") {
+			t.Fatalf("session %d: %s", i, got)
+		}
+	}
+	if rc := d.stop(t); rc != 0 {
+		t.Fatalf("exit code %d", rc)
+	}
+	d = startDaemon(t, "--config", cfg, "--state-dir", state)
+	if got := ask(d, "192.0.2.66", "4", "ok@example.org"); !strings.HasPrefix(got, "action=450 4.7.1") {
+		t.Fatalf("4th session after restart: %s\n%s", got, d.log.String())
+	}
+	if got := ask(d, "192.0.2.67", "1", "ok@example.org"); got != "action=DUNNO" {
+		t.Fatalf("another client: %s", got)
 	}
 }
