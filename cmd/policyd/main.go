@@ -37,6 +37,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return check(args, stdout, stderr)
 	case "simulate":
 		return simulate(args, stdout, stderr)
+	case "inspect", "forget":
+		return adminCommand(cmd, args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "policyd", versionString())
 		return 0
@@ -54,6 +56,10 @@ func usage(w io.Writer) {
        policyd check [--config DIR]  validate a config directory, print the chain
        policyd simulate --ip A [--helo H] [--from S] [--rcpt R]... [flags]
                                      run one SMTP session through the chain (-h for flags)
+       policyd inspect [--http ADDR] [--json] IP|CIDR
+                                     what the running daemon stores about a client
+       policyd forget [--http ADDR] [--json] IP|CIDR
+                                     remove it (-h for flags)
        policyd version
 `)
 }

@@ -75,15 +75,19 @@ func serve(args []string, stderr io.Writer) int {
 
 // daemon is a running policyd: its chain, store and front-ends.
 type daemon struct {
-	o       options
-	log     *slog.Logger
-	opts    rules.Options // what every chain is built with
-	chain   atomic.Pointer[rules.Chain]
-	store   store.Store
-	metrics *metrics.Registry
-	fronts  map[string]frontEnd
-	wg      sync.WaitGroup
-	ready   atomic.Bool
+	o     options
+	log   *slog.Logger
+	opts  rules.Options // what every chain is built with
+	chain atomic.Pointer[rules.Chain]
+	store store.Store
+	// rawStore is store without the metrics wrapper: the admin API and
+	// readiness probes are not rule traffic.
+	rawStore   store.Store
+	adminToken string
+	metrics    *metrics.Registry
+	fronts     map[string]frontEnd
+	wg         sync.WaitGroup
+	ready      atomic.Bool
 }
 
 func openStore(o options) (store.Store, error) {
@@ -123,13 +127,17 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	st, err := openStore(o)
+	token, err := readToken(o.adminToken)
+	if err != nil {
+		return nil, err
+	}
+	raw, err := openStore(o)
 	if err != nil {
 		return nil, err
 	}
 	m := metrics.New(metrics.BuildInfo{Version: buildVersion(), GoVersion: runtime.Version()})
-	st = metrics.InstrumentStore(st, m)
-	d := &daemon{o: o, log: log, store: st, metrics: m, fronts: map[string]frontEnd{}}
+	st := metrics.InstrumentStore(raw, m)
+	d := &daemon{o: o, log: log, store: st, rawStore: raw, adminToken: token, metrics: m, fronts: map[string]frontEnd{}}
 	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m}
 	c, err := d.load()
 	if err != nil {
@@ -239,14 +247,33 @@ func (d *daemon) httpHandler() http.Handler {
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) {
 		io.WriteString(w, "ok\n")
 	})
-	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, _ *http.Request) {
+	mux.HandleFunc("GET /readyz", func(w http.ResponseWriter, r *http.Request) {
 		if !d.ready.Load() {
 			http.Error(w, "not ready: a listener is down", http.StatusServiceUnavailable)
 			return
 		}
+		if err := d.probeStore(r.Context()); err != nil {
+			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
+			return
+		}
 		io.WriteString(w, "ready\n")
 	})
+	admin := adminAuth(d.adminToken, http.HandlerFunc(d.adminClients))
+	mux.Handle("GET /api/v1/clients/{client...}", admin)
+	mux.Handle("DELETE /api/v1/clients/{client...}", admin)
 	return mux
+}
+
+// probeStore is one read bounded by --store-timeout. On Redis it is a
+// round trip while the breaker is closed and an immediate failure while
+// it is open, so /readyz follows the store without adding to an outage.
+func (d *daemon) probeStore(ctx context.Context) error {
+	ctx, cancel := context.WithTimeout(ctx, max(d.o.storeTimeout, 10*time.Millisecond))
+	defer cancel()
+	if _, _, err := d.rawStore.Get(ctx, store.Prefix+"readyz"); err != nil {
+		return fmt.Errorf("store: %w", err)
+	}
+	return nil
 }
 
 // stop drains the front-ends side by side within timeout, then closes

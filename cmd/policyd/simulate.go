@@ -70,17 +70,19 @@ flags:
 
 	tap := &decisionTap{}
 	log := slog.New(tap.wrap(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	// The config is looked at first: a wrong --config must not create or
+	// lock a state directory.
+	fsys, name, err := configDir(o.config)
+	if err != nil {
+		fmt.Fprintln(stderr, "policyd simulate:", err)
+		return 1
+	}
 	st, err := openStore(o)
 	if err != nil {
 		fmt.Fprintln(stderr, "policyd simulate:", err)
 		return 1
 	}
 	defer st.Close()
-	fsys, name, err := configDir(o.config)
-	if err != nil {
-		fmt.Fprintln(stderr, "policyd simulate:", err)
-		return 1
-	}
 	c, warns, err := rules.Load(fsys, name, rules.Options{Store: st, Logger: log})
 	for _, w := range warns {
 		fmt.Fprintln(stderr, w.Error())

@@ -157,6 +157,8 @@ func TestSimulate(t *testing.T) {
 }
 
 func TestSimulateUsage(t *testing.T) {
+	// Errors must not leave a state directory behind in the package.
+	t.Chdir(t.TempDir())
 	var out, errw bytes.Buffer
 	if rc := run([]string{"simulate", "--help"}, &out, &errw); rc != 0 {
 		t.Fatalf("--help: rc=%d", rc)

@@ -35,6 +35,7 @@ var opTests = []struct {
 	{"Concurrent/HIncr", testConcurrentHIncr},
 	{"Scan", testScan},
 	{"Inspect", testInspect},
+	{"FindAndForgetClient", testFindClient},
 }
 
 // t0 is the "now" the suite passes to Tally and Acquire; it only has to be

@@ -1,0 +1,155 @@
+package main
+
+import (
+	"context"
+	"crypto/subtle"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/policyd-mail/policyd/store"
+)
+
+// The admin API (SPEC §2): what is stored about a client, and forgetting
+// it. policyd inspect and policyd forget are its command-line clients.
+
+// adminRecord is one stored key in the admin API's JSON.
+type adminRecord struct {
+	Key    string           `json:"key"`
+	Rule   string           `json:"rule"`
+	About  string           `json:"about"`
+	Kind   string           `json:"kind"`
+	Value  string           `json:"value,omitempty"`
+	Fields map[string]int64 `json:"fields,omitempty"`
+	// TTL in seconds; absent when the key does not expire.
+	TTL float64 `json:"ttl_seconds,omitempty"`
+}
+
+// adminReply is the body of GET and DELETE /api/v1/clients/{client}.
+type adminReply struct {
+	Client  string        `json:"client"`
+	Records []adminRecord `json:"records"`
+	// DELETE only: what went, and what concerns the client but stays
+	// because it is about a wider network.
+	Deleted []adminRecord `json:"deleted,omitempty"`
+	Kept    []adminRecord `json:"kept,omitempty"`
+}
+
+type adminError struct {
+	Error string `json:"error"`
+}
+
+// adminTimeout bounds one admin request: a scan of a big Redis takes a
+// while, but an operator's command must not hang.
+const adminTimeout = 30 * time.Second
+
+func toAdmin(rs []store.Record) []adminRecord {
+	out := make([]adminRecord, 0, len(rs))
+	for _, r := range rs {
+		a := adminRecord{Key: r.Key, Rule: r.Rule, About: r.About.String(), Kind: string(r.Kind), Fields: r.Fields}
+		if r.Kind == store.KindString {
+			a.Value = string(r.Value)
+		}
+		if r.TTL > 0 {
+			a.TTL = r.TTL.Round(time.Millisecond).Seconds()
+		}
+		out = append(out, a)
+	}
+	return out
+}
+
+func writeJSON(w http.ResponseWriter, code int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	_ = enc.Encode(v) // the client went away: nothing to do
+}
+
+func (d *daemon) adminClients(w http.ResponseWriter, r *http.Request) {
+	p, err := store.ParseClient(r.PathValue("client"))
+	if err != nil {
+		writeJSON(w, http.StatusBadRequest, adminError{err.Error()})
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), adminTimeout)
+	defer cancel()
+	reply := adminReply{Client: p.String()}
+	if r.Method == http.MethodDelete {
+		var deleted, kept []store.Record
+		deleted, kept, err = store.ForgetClient(ctx, d.rawStore, p)
+		reply.Deleted, reply.Kept = toAdmin(deleted), toAdmin(kept)
+		reply.Records = reply.Kept
+		if err == nil {
+			d.log.Info("admin forget", "client", p.String(), "deleted", len(deleted), "kept", len(kept), "remote", r.RemoteAddr)
+		}
+	} else {
+		var found []store.Record
+		found, err = store.FindClient(ctx, d.rawStore, p)
+		reply.Records = toAdmin(found)
+	}
+	if err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, store.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded) {
+			code = http.StatusServiceUnavailable
+		}
+		d.log.Warn("admin request failed", "client", p.String(), "method", r.Method, "err", err)
+		writeJSON(w, code, adminError{err.Error()})
+		return
+	}
+	writeJSON(w, http.StatusOK, reply)
+}
+
+// adminAuth guards the admin API: with a token, every request must carry
+// it; without one, only loopback (and unix socket) peers are served, so
+// exposing --http-listen for Prometheus does not expose forget.
+func adminAuth(token string, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if token != "" {
+			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if !ok || subtle.ConstantTimeCompare([]byte(got), []byte(token)) != 1 {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="policyd"`)
+				writeJSON(w, http.StatusUnauthorized, adminError{"the admin API needs the bearer token of --admin-token-file"})
+				return
+			}
+		} else if !loopbackPeer(r.RemoteAddr) {
+			writeJSON(w, http.StatusForbidden, adminError{"the admin API answers loopback clients only; set --admin-token-file to allow others"})
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+func loopbackPeer(remote string) bool {
+	ap, err := netip.ParseAddrPort(remote)
+	if err != nil {
+		// A unix socket peer has no IP address; the socket's file
+		// permissions are its guard.
+		_, _, splitErr := net.SplitHostPort(remote)
+		return splitErr != nil
+	}
+	return ap.Addr().Unmap().IsLoopback()
+}
+
+// readToken reads --admin-token-file; an empty or unreadable file is an
+// error rather than an open API.
+func readToken(file string) (string, error) {
+	if file == "" {
+		return "", nil
+	}
+	b, err := os.ReadFile(file)
+	if err != nil {
+		return "", fmt.Errorf("admin-token-file: %w", err)
+	}
+	tok := strings.TrimSpace(string(b))
+	if tok == "" {
+		return "", fmt.Errorf("admin-token-file: %s is empty", file)
+	}
+	return tok, nil
+}

@@ -1,0 +1,269 @@
+package main
+
+import (
+	"bufio"
+	"bytes"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/policyd-mail/policyd/internal/testredis"
+)
+
+// askPolicy sends one RCPT request as a new SMTP session of client.
+func askPolicy(t testing.TB, addr, client, port, sender string) string {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	return policyAsk(t, c, bufio.NewReader(c), "protocol_state=RCPT", "client_address="+client, "client_port="+port,
+		"helo_name=h.example", "sender="+sender, "recipient=r@example.test", "instance=a.b.c.0")
+}
+
+// admin runs policyd inspect or forget against d, as an operator would.
+func admin(t testing.TB, d *proc, args ...string) (string, string, int) {
+	t.Helper()
+	var out, errw bytes.Buffer
+	rc := run(append([]string{args[0], "--http", d.http}, args[1:]...), &out, &errw)
+	return out.String(), errw.String(), rc
+}
+
+// A repeat offender is refused; inspect shows why, forget lets it in, on
+// the embedded store and on Redis alike.
+func TestInspectAndForget(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("client_stats\ndeny_repeat_offenders threshold 3\nbadmailfrom\n"), 0o644)
+	os.WriteFile(filepath.Join(cfg, "badmailfrom"), []byte("sender spam@example.org\n"), 0o644)
+	for _, tc := range []struct {
+		name  string
+		store func(t *testing.T) []string
+	}{
+		{"memory", func(t *testing.T) []string { return []string{"--state-dir", t.TempDir()} }},
+		{"redis", func(t *testing.T) []string { return []string{"--store", testredis.Start(t).URL()} }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := startDaemon(t, append([]string{"--config", cfg}, tc.store(t)...)...)
+			const client = "192.0.2.66"
+			if out, _, rc := admin(t, d, "inspect", client); rc != 0 || out != client+"/32: nothing stored\n" {
+				t.Fatalf("inspect of a new client: rc=%d %q", rc, out)
+			}
+			for i := 1; i <= 3; i++ {
+				if got := askPolicy(t, d.policy, client, fmt.Sprint(i), "spam@example.org"); !strings.HasPrefix(got, "action=550 5.7.1") {
+					t.Fatalf("session %d: %s", i, got)
+				}
+			}
+			if got := askPolicy(t, d.policy, client, "4", "ok@example.org"); !strings.HasPrefix(got, "action=450 4.7.1") {
+				t.Fatalf("4th session: %s", got)
+			}
+
+			out, errs, rc := admin(t, d, "inspect", client)
+			if rc != 0 {
+				t.Fatalf("inspect: rc=%d %s", rc, errs)
+			}
+			for _, want := range []string{
+				client + "/32: 5 records",
+				"RULE", "EXPIRES IN",
+				"deny_repeat_offenders  " + client + "/32", "count=3 last=20",
+				"client_stats           " + client + "/32", "permfail=3",
+				"client_stats           192.0.2.0/24",
+				"client_stats           192.0.0.0/8",
+			} {
+				if !strings.Contains(out, want) {
+					t.Errorf("inspect lacks %q:\n%s", want, out)
+				}
+			}
+
+			out, _, rc = admin(t, d, "inspect", "--json", "192.0.2.0/24")
+			var reply adminReply
+			if err := json.Unmarshal([]byte(out), &reply); rc != 0 || err != nil {
+				t.Fatalf("inspect --json: rc=%d %v\n%s", rc, err, out)
+			}
+			if reply.Client != "192.0.2.0/24" || len(reply.Records) != 5 {
+				t.Errorf("inspect --json 192.0.2.0/24 = %+v", reply)
+			}
+			for _, r := range reply.Records {
+				if r.Rule == "deny_repeat_offenders" && (r.About != client+"/32" || r.Kind != "hash" || r.Fields["count"] != 3 || r.TTL <= 0) {
+					t.Errorf("offender record %+v", r)
+				}
+			}
+
+			out, errs, rc = admin(t, d, "forget", client)
+			if rc != 0 || !strings.Contains(out, client+"/32: deleted 2 records") ||
+				!strings.Contains(out, "kept 3 records about wider networks") {
+				t.Fatalf("forget: rc=%d %s\n%s", rc, errs, out)
+			}
+			if got := askPolicy(t, d.policy, client, "5", "ok@example.org"); got != "action=DUNNO" {
+				t.Fatalf("session after forget: %s", got)
+			}
+			out, _, _ = admin(t, d, "inspect", client)
+			if strings.Contains(out, "deny_repeat_offenders") || !strings.Contains(out, "192.0.2.0/24") {
+				t.Errorf("inspect after forget:\n%s", out)
+			}
+			if !strings.Contains(d.log.String(), `msg="admin forget" client=192.0.2.66/32 deleted=2 kept=3`) {
+				t.Errorf("forget not logged:\n%s", d.log.String())
+			}
+		})
+	}
+}
+
+func TestAdminCommandErrors(t *testing.T) {
+	d := startDaemon(t, "--state-dir", t.TempDir())
+	for _, tc := range []struct {
+		args []string
+		rc   int
+		err  string
+	}{
+		{[]string{"inspect", "mx.example.org"}, 2, `"mx.example.org" is neither an IP address nor a CIDR network`},
+		{[]string{"forget", "192.0.2.0/33"}, 2, "neither an IP address nor a CIDR network"},
+		{[]string{"inspect", "192.0.2.1", "192.0.2.2"}, 2, "one IP or CIDR at a time"},
+	} {
+		if _, errs, rc := admin(t, d, tc.args...); rc != tc.rc || !strings.Contains(errs, tc.err) {
+			t.Errorf("%q: rc=%d %q, want rc=%d and %q", tc.args, rc, errs, tc.rc, tc.err)
+		}
+	}
+	var out, errw bytes.Buffer
+	if rc := run([]string{"inspect", "--http", "127.0.0.1:1", "192.0.2.1"}, &out, &errw); rc != 1 || !strings.Contains(errw.String(), "is the daemon running") {
+		t.Errorf("no daemon: rc=%d %q", rc, errw.String())
+	}
+	if rc := run([]string{"inspect"}, &out, &errw); rc != 2 || !strings.Contains(errw.String(), "usage: policyd inspect") {
+		t.Errorf("no client: rc=%d %q", rc, errw.String())
+	}
+}
+
+// With --admin-token-file every admin request needs the token; the
+// metrics and health endpoints do not.
+func TestAdminToken(t *testing.T) {
+	dir := t.TempDir()
+	tokFile, wrong := filepath.Join(dir, "token"), filepath.Join(dir, "wrong")
+	os.WriteFile(tokFile, []byte("s3cret\n"), 0o600)
+	os.WriteFile(wrong, []byte("guess"), 0o600)
+	d := startDaemon(t, "--state-dir", t.TempDir(), "--admin-token-file", tokFile)
+	if _, errs, rc := admin(t, d, "inspect", "192.0.2.1"); rc != 1 || !strings.Contains(errs, "Unauthorized: the admin API needs the bearer token") {
+		t.Errorf("without token: rc=%d %q", rc, errs)
+	}
+	if _, errs, rc := admin(t, d, "forget", "--admin-token-file", wrong, "192.0.2.1"); rc != 1 || !strings.Contains(errs, "Unauthorized") {
+		t.Errorf("wrong token: rc=%d %q", rc, errs)
+	}
+	if out, errs, rc := admin(t, d, "inspect", "--admin-token-file", tokFile, "192.0.2.1"); rc != 0 || !strings.Contains(out, "nothing stored") {
+		t.Errorf("with token: rc=%d %q %q", rc, out, errs)
+	}
+	resp, err := http.Get("http://" + d.http + "/healthz")
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("healthz with a token set: %v %v", resp, err)
+	}
+	resp.Body.Close()
+
+	empty := filepath.Join(dir, "empty")
+	os.WriteFile(empty, nil, 0o600)
+	var out, errw bytes.Buffer
+	if rc := run([]string{"serve", "--admin-token-file", empty, "--policy-listen", "", "--milter-listen", "", "--http-listen", ""}, &out, &errw); rc != 1 ||
+		!strings.Contains(errw.String(), "is empty") {
+		t.Errorf("empty token file: rc=%d %q", rc, errw.String())
+	}
+}
+
+func TestAdminAuth(t *testing.T) {
+	ok := http.HandlerFunc(func(w http.ResponseWriter, _ *http.Request) { io.WriteString(w, "ok") })
+	for _, tc := range []struct {
+		name, token, remote, header string
+		want                        int
+	}{
+		{"loopback without token", "", "127.0.0.1:4000", "", http.StatusOK},
+		{"IPv6 loopback", "", "[::1]:4000", "", http.StatusOK},
+		{"unix socket", "", "@", "", http.StatusOK},
+		{"remote without token", "", "192.0.2.9:4000", "", http.StatusForbidden},
+		{"remote with token", "t0k", "192.0.2.9:4000", "Bearer t0k", http.StatusOK},
+		{"wrong token", "t0k", "127.0.0.1:4000", "Bearer t0K", http.StatusUnauthorized},
+		{"no header", "t0k", "127.0.0.1:4000", "", http.StatusUnauthorized},
+		{"basic auth", "t0k", "127.0.0.1:4000", "Basic dDBr", http.StatusUnauthorized},
+	} {
+		req := httptest.NewRequest("GET", "/api/v1/clients/192.0.2.1", nil)
+		req.RemoteAddr = tc.remote
+		if tc.header != "" {
+			req.Header.Set("Authorization", tc.header)
+		}
+		rec := httptest.NewRecorder()
+		adminAuth(tc.token, ok).ServeHTTP(rec, req)
+		if rec.Code != tc.want {
+			t.Errorf("%s: %d %s, want %d", tc.name, rec.Code, rec.Body, tc.want)
+		}
+	}
+}
+
+// waitStatus polls url until it answers want; the deadline is generous,
+// the poll ends as soon as the state is reached.
+func waitStatus(t *testing.T, url string, want int, within time.Duration) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for {
+		resp, err := http.Get(url)
+		code := 0
+		if err == nil {
+			code = resp.StatusCode
+			resp.Body.Close()
+		}
+		if code == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: status %d (%v), want %d within %v", url, code, err, want, within)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// /readyz follows Redis: 503 while it is down, 200 once it is back.
+func TestReadyzFollowsRedis(t *testing.T) {
+	srv := testredis.Start(t)
+	d := startDaemon(t, "--store", srv.URL())
+	url := "http://" + d.http + "/readyz"
+	waitStatus(t, url, http.StatusOK, 5*time.Second)
+	srv.Stop()
+	waitStatus(t, url, http.StatusServiceUnavailable, 5*time.Second)
+	resp, err := http.Get(url)
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !strings.HasPrefix(string(body), "not ready: store: ") {
+		t.Errorf("readyz body %q", body)
+	}
+	srv.Restart()
+	waitStatus(t, url, http.StatusOK, 5*time.Second)
+}
+
+// Two policyd hosts on one Redis share their counters: four sessions of
+// one client spread over both, threshold 3, and the fourth is refused.
+func TestTwoDaemonsShareRedis(t *testing.T) {
+	srv := testredis.Start(t)
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 3 exptime 60\n"), 0o644)
+	a := startDaemon(t, "--config", cfg, "--store", srv.URL())
+	b := startDaemon(t, "--config", cfg, "--store", srv.URL())
+	for i, d := range []*proc{a, b, a} {
+		if got := askPolicy(t, d.policy, "192.0.2.77", fmt.Sprint(i+1), "s@example.org"); got != "action=DUNNO" {
+			t.Fatalf("session %d: %s", i+1, got)
+		}
+	}
+	if got := askPolicy(t, b.policy, "192.0.2.77", "4", "s@example.org"); !strings.HasPrefix(got, "action=450 4.7.1") {
+		t.Fatalf("4th session, on the second host: %s", got)
+	}
+	if got := askPolicy(t, a.policy, "192.0.2.78", "1", "s@example.org"); got != "action=DUNNO" {
+		t.Fatalf("another client: %s", got)
+	}
+	// Either host's admin API sees the shared counter.
+	if out, _, rc := admin(t, a, "inspect", "192.0.2.77"); rc != 0 || !strings.Contains(out, "connection_shaper") || !strings.Contains(out, "  4\n") {
+		t.Errorf("inspect on the first host: %s", out)
+	}
+}

@@ -1,0 +1,200 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"maps"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"slices"
+	"strings"
+	"text/tabwriter"
+	"time"
+)
+
+// adminCommand is policyd inspect and policyd forget: clients of the
+// running daemon's admin API, so they see the store the daemon uses,
+// embedded or Redis, without opening it themselves.
+func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
+	fset := flag.NewFlagSet("policyd "+cmd, flag.ContinueOnError)
+	fset.SetOutput(stderr)
+	httpAddr := fset.String("http", defaultAdminAddr(), "the daemon's --http-listen address (host:port or unix:/path)")
+	asJSON := fset.Bool("json", false, "print the API's JSON instead of text")
+	tokenFile := fset.String("admin-token-file", "", "file holding the daemon's admin bearer token")
+	timeout := fset.Duration("timeout", adminTimeout+5*time.Second, "give up after this long")
+	fset.Usage = func() {
+		what := "prints everything the daemon stores about the clients in IP|CIDR: counters,\noffender records, statistics per network, greylist entries, session slots."
+		if cmd == "forget" {
+			what = "removes what the daemon stores about the clients in IP|CIDR. Records about a\nwider network (client_stats' /24 and /8, greylisting's network) are kept\nand listed: forget that network to remove them."
+		}
+		fmt.Fprintf(fset.Output(), "usage: policyd %s [flags] IP|CIDR\n\n%s\n\nflags:\n", cmd, what)
+		fset.PrintDefaults()
+	}
+	// The client may come before or after the flags.
+	var client string
+	for {
+		if err := fset.Parse(args); err != nil {
+			if errors.Is(err, flag.ErrHelp) {
+				return 0
+			}
+			return 2
+		}
+		if fset.NArg() == 0 {
+			break
+		}
+		if client != "" {
+			fmt.Fprintf(stderr, "policyd %s: one IP or CIDR at a time (got %q and %q)\n", cmd, client, fset.Arg(0))
+			return 2
+		}
+		client, args = fset.Arg(0), fset.Args()[1:]
+	}
+	if client == "" {
+		fset.Usage()
+		return 2
+	}
+	if *tokenFile == "" {
+		*tokenFile = os.Getenv("POLICYD_ADMIN_TOKEN_FILE")
+	}
+	token, err := readToken(*tokenFile)
+	if err != nil {
+		fmt.Fprintf(stderr, "policyd %s: %v\n", cmd, err)
+		return 2
+	}
+	method := http.MethodGet
+	if cmd == "forget" {
+		method = http.MethodDelete
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
+	defer cancel()
+	body, code, err := adminCall(ctx, method, *httpAddr, client, token)
+	if err != nil {
+		fmt.Fprintf(stderr, "policyd %s: %v\n", cmd, err)
+		return 1
+	}
+	if code != http.StatusOK {
+		var e adminError
+		if json.Unmarshal(body, &e) != nil || e.Error == "" {
+			e.Error = strings.TrimSpace(string(body))
+		}
+		fmt.Fprintf(stderr, "policyd %s: %s: %s\n", cmd, http.StatusText(code), e.Error)
+		if code == http.StatusBadRequest {
+			return 2
+		}
+		return 1
+	}
+	if *asJSON {
+		stdout.Write(body)
+		return 0
+	}
+	var reply adminReply
+	if err := json.Unmarshal(body, &reply); err != nil {
+		fmt.Fprintf(stderr, "policyd %s: the daemon's answer is not the admin API's JSON: %v\n", cmd, err)
+		return 1
+	}
+	if cmd == "forget" {
+		printForget(stdout, reply)
+	} else {
+		printInspect(stdout, reply)
+	}
+	return 0
+}
+
+// defaultAdminAddr is the daemon's own default, or its
+// POLICYD_HTTP_LISTEN when that is set, so one environment serves both.
+func defaultAdminAddr() string {
+	if v, ok := os.LookupEnv("POLICYD_HTTP_LISTEN"); ok && v != "" {
+		return v
+	}
+	return "127.0.0.1:10042"
+}
+
+func adminCall(ctx context.Context, method, addr, client, token string) ([]byte, int, error) {
+	tr := &http.Transport{}
+	base := "http://" + addr
+	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
+		tr.DialContext = func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", path)
+		}
+		base = "http://policyd"
+	}
+	defer tr.CloseIdleConnections()
+	// The client goes into the path as is: a CIDR's slash is part of the
+	// route ({client...}).
+	req, err := http.NewRequestWithContext(ctx, method, base+"/api/v1/clients/"+url.PathEscape(client), nil)
+	if err != nil {
+		return nil, 0, fmt.Errorf("--http %q: %w", addr, err)
+	}
+	req.URL.RawPath = ""
+	req.URL.Path = "/api/v1/clients/" + client
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	resp, err := (&http.Client{Transport: tr}).Do(req)
+	if err != nil {
+		return nil, 0, fmt.Errorf("is the daemon running with --http-listen %s? %w", addr, err)
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	if err != nil {
+		return nil, 0, fmt.Errorf("reading the answer: %w", err)
+	}
+	return body, resp.StatusCode, nil
+}
+
+func printInspect(w io.Writer, r adminReply) {
+	if len(r.Records) == 0 {
+		fmt.Fprintf(w, "%s: nothing stored\n", r.Client)
+		return
+	}
+	fmt.Fprintf(w, "%s: %d records\n", r.Client, len(r.Records))
+	printRecords(w, r.Records)
+}
+
+func printForget(w io.Writer, r adminReply) {
+	fmt.Fprintf(w, "%s: deleted %d records\n", r.Client, len(r.Deleted))
+	printRecords(w, r.Deleted)
+	if len(r.Kept) > 0 {
+		fmt.Fprintf(w, "kept %d records about wider networks (forget the network to remove them):\n", len(r.Kept))
+		printRecords(w, r.Kept)
+	}
+}
+
+func printRecords(w io.Writer, rs []adminRecord) {
+	tw := tabwriter.NewWriter(w, 2, 8, 2, ' ', 0)
+	fmt.Fprintln(tw, "RULE\tABOUT\tKIND\tEXPIRES IN\tVALUE")
+	for _, r := range rs {
+		exp := "never"
+		if r.TTL > 0 {
+			exp = (time.Duration(r.TTL * float64(time.Second))).Round(time.Second).String()
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.Rule, r.About, r.Kind, exp, recordValue(r))
+	}
+	tw.Flush()
+}
+
+// recordValue shows a record's value; times kept as unix milliseconds (a
+// tally's last event, a session slot's lease) are shown as times.
+func recordValue(r adminRecord) string {
+	if r.Kind == "string" {
+		return r.Value
+	}
+	var parts []string
+	for _, f := range slices.Sorted(maps.Keys(r.Fields)) {
+		v := fmt.Sprint(r.Fields[f])
+		if r.Kind == "leases" || f == "last" {
+			v = time.UnixMilli(r.Fields[f]).UTC().Format(time.RFC3339)
+			if r.Kind == "leases" {
+				v = "until " + v
+			}
+		}
+		parts = append(parts, f+"="+v)
+	}
+	return strings.Join(parts, " ")
+}

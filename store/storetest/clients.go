@@ -1,0 +1,102 @@
+package storetest
+
+import (
+	"fmt"
+	"net/netip"
+	"slices"
+	"testing"
+
+	"github.com/policyd-mail/policyd/store"
+)
+
+// testFindClient lays out keys the way the rules do for two clients of
+// one IPv6 /32 and checks what the admin API finds and forgets. The
+// network is random per run, so a shared Redis holds nobody else's keys
+// under it.
+func testFindClient(t *testing.T, r *runner) {
+	e := r.env(t)
+	var b [16]byte
+	b[0] = 0xfd
+	fmt.Sscanf(r.id[:12], "%02x%02x%02x%02x%02x%02x", &b[1], &b[2], &b[3], &b[4], &b[5], &b[6])
+	b[7] = byte(e.client[len(e.client)-1])
+	a := netip.AddrFrom16(b)
+	b[7]++
+	other := netip.AddrFrom16(b)
+	net64 := netip.PrefixFrom(a, 64).Masked()
+	other64 := netip.PrefixFrom(other, 64).Masked()
+	net32 := netip.PrefixFrom(a, 32).Masked()
+
+	mk := func(tag, rule, what string) string {
+		k := store.Key(tag, rule, what)
+		e.mu.Lock()
+		e.keys = append(e.keys, k)
+		e.mu.Unlock()
+		return k
+	}
+	shaper := mk(net64.String(), "connection_shaper", "sessions")
+	offender := mk(net64.String(), "deny_repeat_offenders:1", "offender")
+	stats64 := mk(net32.String(), "client_stats", net64.String())
+	stats32 := mk(net32.String(), "client_stats", net32.String())
+	otherShaper := mk(other64.String(), "connection_shaper", "sessions")
+	otherStats := mk(net32.String(), "client_stats", other64.String())
+	e.wantIncr(shaper, 2, longTTL, 2)
+	e.wantIncr(otherShaper, 1, longTTL, 1)
+	if _, err := e.s.Tally(e.ctx, offender, t0, longTTL, longTTL); err != nil {
+		t.Fatal(err)
+	}
+	e.hincr(longTTL,
+		store.FieldIncr{Key: stats64, Field: "permfail", Delta: 1},
+		store.FieldIncr{Key: stats32, Field: "permfail", Delta: 2},
+		store.FieldIncr{Key: otherStats, Field: "success", Delta: 1})
+
+	keysOf := func(rs []store.Record) []string {
+		var ks []string
+		for _, r := range rs {
+			ks = append(ks, r.Key)
+		}
+		slices.Sort(ks)
+		return ks
+	}
+	sorted := func(ks ...string) []string { slices.Sort(ks); return ks }
+
+	found, err := store.FindClient(e.ctx, e.s, netip.PrefixFrom(a, 128))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := keysOf(found), sorted(shaper, offender, stats64, stats32); !slices.Equal(got, want) {
+		t.Fatalf("FindClient(%s) = %v, want %v", a, got, want)
+	}
+	for _, rec := range found {
+		if rec.Key == offender && (rec.Rule != "deny_repeat_offenders:1" || rec.About != net64 || rec.Kind != store.KindHash || rec.Fields[store.TallyCount] != 1) {
+			t.Errorf("offender record = %+v", rec)
+		}
+		if rec.Key == stats32 && (rec.Rule != "client_stats" || rec.About != net32) {
+			t.Errorf("/32 stats record = %+v", rec)
+		}
+	}
+
+	// The whole /32 holds both clients.
+	all, err := store.FindClient(e.ctx, e.s, net32)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(all) != 6 {
+		t.Fatalf("FindClient(%s) found %v, want all 6 keys", net32, keysOf(all))
+	}
+
+	deleted, kept, err := store.ForgetClient(e.ctx, e.s, net64)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got, want := keysOf(deleted), sorted(shaper, offender, stats64); !slices.Equal(got, want) {
+		t.Errorf("ForgetClient deleted %v, want %v", got, want)
+	}
+	if got := keysOf(kept); !slices.Equal(got, []string{stats32}) {
+		t.Errorf("ForgetClient kept %v, want the /32 record", got)
+	}
+	e.wantMissing(shaper)
+	e.wantMissing(offender)
+	if left, err := store.FindClient(e.ctx, e.s, net32); err != nil || len(left) != 3 {
+		t.Errorf("after forgetting %s the /32 holds %v (%v), want the other client's two keys and the /32 record", net64, keysOf(left), err)
+	}
+}
