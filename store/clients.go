@@ -1,9 +1,11 @@
 package store
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 )
@@ -48,6 +50,10 @@ func FindClient(ctx context.Context, st Store, p netip.Prefix) ([]Record, error)
 		}
 		out = append(out, Record{Entry: e, Rule: rule, About: about})
 	}
+	// The client's own records first, then ever wider networks.
+	slices.SortStableFunc(out, func(a, b Record) int {
+		return cmp.Or(cmp.Compare(b.About.Bits(), a.About.Bits()), cmp.Compare(a.Rule, b.Rule), strings.Compare(a.Key, b.Key))
+	})
 	return out, nil
 }
 

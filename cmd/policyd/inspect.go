@@ -172,11 +172,20 @@ func printRecords(w io.Writer, rs []adminRecord) {
 	for _, r := range rs {
 		exp := "never"
 		if r.TTL > 0 {
-			exp = (time.Duration(r.TTL * float64(time.Second))).Round(time.Second).String()
+			exp = shortDuration(time.Duration(r.TTL * float64(time.Second)))
 		}
 		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.Rule, r.About, r.Kind, exp, recordValue(r))
 	}
 	tw.Flush()
+}
+
+// shortDuration writes client_stats' month-long expiries in days.
+func shortDuration(d time.Duration) string {
+	d = d.Round(time.Second)
+	if d < 48*time.Hour {
+		return d.String()
+	}
+	return fmt.Sprintf("%dd%dh", d/(24*time.Hour), d%(24*time.Hour)/time.Hour)
 }
 
 // recordValue shows a record's value; times kept as unix milliseconds (a

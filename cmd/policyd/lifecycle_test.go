@@ -1,0 +1,125 @@
+package main
+
+import (
+	"net"
+	"os"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	gomilter "github.com/emersion/go-milter"
+)
+
+func milterMTA(t *testing.T, addr string) *gomilter.ClientSession {
+	t.Helper()
+	c := gomilter.NewClientWithOptions("tcp", addr, gomilter.ClientOptions{
+		Dialer:      &net.Dialer{Timeout: 5 * time.Second},
+		ReadTimeout: 20 * time.Second, WriteTimeout: 10 * time.Second,
+		ActionMask: gomilter.OptAddHeader,
+	})
+	s, err := c.Session()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+func wantContinue(t *testing.T, step string, a *gomilter.Action, err error) {
+	t.Helper()
+	if err != nil || a.Code != gomilter.ActContinue {
+		t.Fatalf("%s: %+v %v", step, a, err)
+	}
+}
+
+// SIGTERM with a milter session open: no new connections, the open
+// session runs to its end, then policyd exits 0.
+func TestDaemonDrainsOpenMilterSessionOnSIGTERM(t *testing.T) {
+	d := startDaemon(t, "--state-dir", t.TempDir(), "--milter-listen", "127.0.0.1:0")
+	s := milterMTA(t, d.milter)
+	defer s.Close()
+	s.Macros(gomilter.CodeConn, "j", "mx.example.test")
+	a, err := s.Conn("client.example", gomilter.FamilyInet, 4000, "192.0.2.30")
+	wantContinue(t, "connect", a, err)
+	a, err = s.Helo("client.example")
+	wantContinue(t, "helo", a, err)
+
+	d.cmd.Process.Signal(syscall.SIGTERM)
+	d.log.waitFor(t, "stopping: no new connections", 1)
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		c, err := net.Dial("tcp", d.milter)
+		if err != nil {
+			break
+		}
+		c.Close()
+		if time.Now().After(deadline) {
+			t.Fatal("the milter listener still accepts 10s after SIGTERM")
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+
+	a, err = s.Mail("<s@example.org>", nil)
+	wantContinue(t, "mail after SIGTERM", a, err)
+	a, err = s.Rcpt("<r@example.test>", nil)
+	wantContinue(t, "rcpt after SIGTERM", a, err)
+	a, err = s.HeaderEnd()
+	wantContinue(t, "eoh", a, err)
+	if _, a, err = s.End(); err != nil || a.Code != gomilter.ActAccept && a.Code != gomilter.ActContinue {
+		t.Fatalf("end of message after SIGTERM: %+v %v", a, err)
+	}
+	select {
+	case <-d.done:
+		t.Fatal("policyd exited while the MTA still held the session open")
+	default:
+	}
+	s.Close()
+	select {
+	case <-d.done:
+		d.done <- nil
+	case <-time.After(20 * time.Second):
+		t.Fatalf("no exit after the open milter session ended\n%s", d.log.String())
+	}
+	if rc := d.cmd.ProcessState.ExitCode(); rc != 0 {
+		t.Fatalf("exit code %d", rc)
+	}
+}
+
+// --dry-run: the rule decides and the decision is logged and counted,
+// but the MTA is told to go on.
+func TestDaemonGlobalDryRun(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 1\n"), 0o644)
+	d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir(), "--dry-run", "--milter-listen", "127.0.0.1:0")
+	for i := 1; i <= 2; i++ {
+		if got := askPolicy(t, d.policy, "192.0.2.31", string(rune('0'+i)), "s@example.org"); got != "action=DUNNO" {
+			t.Fatalf("policy session %d under --dry-run: %s", i, got)
+		}
+	}
+	s := milterMTA(t, d.milter)
+	defer s.Close()
+	a, err := s.Conn("client.example", gomilter.FamilyInet, 4000, "192.0.2.31")
+	wantContinue(t, "milter connect under --dry-run", a, err)
+	a, err = s.Helo("client.example")
+	wantContinue(t, "milter helo under --dry-run", a, err)
+
+	d.log.waitFor(t, "msg=decision", 2)
+	var lines []string
+	for _, l := range strings.Split(d.log.String(), "\n") {
+		if strings.Contains(l, "msg=decision") {
+			lines = append(lines, l)
+		}
+	}
+	for _, l := range lines {
+		for _, want := range []string{"rule=connection_shaper", "answer=DENYSOFT", "dry_run=true", "client=192.0.2.31"} {
+			if !strings.Contains(l, want) {
+				t.Errorf("decision line lacks %q: %s", want, l)
+			}
+		}
+	}
+	hasSeries(t, scrape(t, d),
+		`policyd_decisions_total{answer="DENYSOFT",dry_run="true",hook="connect",protocol="policy",rule="connection_shaper"} 1`,
+		`policyd_decisions_total{answer="DENYSOFT",dry_run="true",hook="connect",protocol="milter",rule="connection_shaper"} 1`,
+	)
+}
