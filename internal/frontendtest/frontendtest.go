@@ -18,10 +18,12 @@ import (
 
 	gomilter "github.com/emersion/go-milter"
 
+	"github.com/policyd-mail/policyd/internal/testredis"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/postfixpolicy"
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/rules/rulestest"
+	redisstore "github.com/policyd-mail/policyd/store/redis"
 )
 
 // Session is one SMTP session of a scenario.
@@ -43,18 +45,37 @@ func (o Outcome) String() string { return strings.Join(o, "; ") }
 
 // Both runs sessions through the policy front-end and the milter
 // front-end, each on a fresh chain built from plugins and files, and fails
-// t if the outcomes differ. It returns the outcomes for the caller's
-// own expectations.
+// t if the outcomes differ. Then it runs both again on a real Redis, each
+// on an emptied database, and fails t if Redis changes any outcome. The
+// rules compare the times they store (the fake clock's), but Redis
+// expires keys on its own clock: a scenario that needs a key to expire
+// after Advance calls Policy and Milter itself. It returns the outcomes
+// for the caller's own expectations.
 func Both(t *testing.T, plugins string, files map[string]string, sessions []Session) []Outcome {
 	t.Helper()
 	pol := Policy(t, plugins, files, sessions)
-	mil := Milter(t, plugins, files, sessions)
+	compare(t, sessions, "policy", pol, "milter", Milter(t, plugins, files, sessions))
+	srv := testredis.Start(t)
+	onRedis := func() rulestest.Options {
+		srv.MustDo("FLUSHALL")
+		st, err := redisstore.Open(srv.URL(), redisstore.Options{Timeout: 2 * time.Second})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return rulestest.Options{Store: st}
+	}
+	compare(t, sessions, "policy", pol, "policy on Redis", PolicyWith(t, plugins, files, sessions, onRedis()))
+	compare(t, sessions, "policy", pol, "milter on Redis", MilterWith(t, plugins, files, sessions, onRedis()))
+	return pol
+}
+
+func compare(t *testing.T, sessions []Session, aName string, a []Outcome, bName string, b []Outcome) {
+	t.Helper()
 	for i := range sessions {
-		if pol[i].String() != mil[i].String() {
-			t.Errorf("session %d (%s): policy and milter differ\n policy: %s\n milter: %s", i+1, sessions[i].Client, pol[i], mil[i])
+		if a[i].String() != b[i].String() {
+			t.Errorf("session %d (%s): %s and %s differ\n %s: %s\n %s: %s", i+1, sessions[i].Client, aName, bName, aName, a[i], bName, b[i])
 		}
 	}
-	return pol
 }
 
 func (s *Session) defaults() {
@@ -72,7 +93,13 @@ func (s *Session) defaults() {
 // Policy runs the scenario through the policy front-end.
 func Policy(t *testing.T, plugins string, files map[string]string, sessions []Session) []Outcome {
 	t.Helper()
-	h := rulestest.New(t, plugins, files)
+	return PolicyWith(t, plugins, files, sessions, rulestest.Options{})
+}
+
+// PolicyWith is Policy on a harness built with o.
+func PolicyWith(t *testing.T, plugins string, files map[string]string, sessions []Session, o rulestest.Options) []Outcome {
+	t.Helper()
+	h := rulestest.NewWith(t, plugins, files, o)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)
@@ -144,7 +171,13 @@ func normalise(reply string) string {
 // refuses every recipient of the session.
 func Milter(t *testing.T, plugins string, files map[string]string, sessions []Session) []Outcome {
 	t.Helper()
-	h := rulestest.New(t, plugins, files)
+	return MilterWith(t, plugins, files, sessions, rulestest.Options{})
+}
+
+// MilterWith is Milter on a harness built with o.
+func MilterWith(t *testing.T, plugins string, files map[string]string, sessions []Session, o rulestest.Options) []Outcome {
+	t.Helper()
+	h := rulestest.NewWith(t, plugins, files, o)
 	ln, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
 		t.Fatal(err)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/policyd-mail/policyd/rules"
+	"github.com/policyd-mail/policyd/store"
 	"github.com/policyd-mail/policyd/store/memory"
 )
 
@@ -41,11 +42,12 @@ func (c *Clock) Advance(d time.Duration) {
 	c.mu.Unlock()
 }
 
-// Harness is a chain on a memory store with a fake clock.
+// Harness is a chain on a store (memory unless Options.Store) with a
+// fake clock.
 type Harness struct {
 	T     testing.TB
 	Clock *Clock
-	Store *memory.Store
+	Store store.Store
 	Chain *rules.Chain
 	Logs  *bytes.Buffer
 	Warns rules.ConfigErrors
@@ -56,6 +58,11 @@ type Options struct {
 	OnStoreError rules.StoreErrorPolicy
 	DryRun       bool
 	Metrics      rules.Metrics
+	// Store replaces the memory store, e.g. by Redis. Values written with
+	// the fake clock's time are compared by the rules themselves, but key
+	// expiry is the store's own clock: a scenario that advances the fake
+	// clock past a ttl needs the memory store.
+	Store store.Store
 }
 
 // New builds a chain from a plugins file and the rules' own files.
@@ -71,7 +78,11 @@ func NewWith(t testing.TB, plugins string, files map[string]string, o Options) *
 		fsys[name] = &fstest.MapFile{Data: []byte(text)}
 	}
 	h := &Harness{T: t, Clock: NewClock(), Logs: &bytes.Buffer{}}
-	h.Store = memory.New(memory.Options{Now: h.Clock.Now, SweepInterval: -1})
+	if o.Store != nil {
+		h.Store = o.Store
+	} else {
+		h.Store = memory.New(memory.Options{Now: h.Clock.Now, SweepInterval: -1})
+	}
 	t.Cleanup(func() { _ = h.Store.Close() })
 	logger := slog.New(slog.NewTextHandler(&lockedWriter{w: h.Logs}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	c, warns, err := rules.Load(fsys, "config", rules.Options{
