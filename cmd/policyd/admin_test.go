@@ -222,13 +222,54 @@ func waitStatus(t *testing.T, url string, want int, within time.Duration) {
 	}
 }
 
-// /readyz follows Redis: 503 while it is down, 200 once it is back.
-func TestReadyzFollowsRedis(t *testing.T) {
+// Redis killed during traffic: every request is still answered, within
+// a bound far below Postfix's policy timeout, and mail flows (fail open);
+// /readyz says 503 meanwhile. Redis back: /readyz is 200 again and
+// counting resumes.
+func TestDaemonRidesOutRedisOutage(t *testing.T) {
 	srv := testredis.Start(t)
-	d := startDaemon(t, "--store", srv.URL())
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 1 exptime 60\n"), 0o644)
+	d := startDaemon(t, "--config", cfg, "--store", srv.URL())
 	url := "http://" + d.http + "/readyz"
 	waitStatus(t, url, http.StatusOK, 5*time.Second)
-	srv.Stop()
+
+	c, err := net.Dial("tcp", d.policy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	br := bufio.NewReader(c)
+	port := 0
+	ask := func(client string) (string, time.Duration) {
+		port++
+		start := time.Now()
+		got := policyAsk(t, c, br, "protocol_state=RCPT", "client_address="+client, fmt.Sprintf("client_port=%d", port),
+			"sender=s@example.org", "recipient=r@example.test")
+		return got, time.Since(start)
+	}
+	if got, _ := ask("192.0.2.90"); got != "action=DUNNO" {
+		t.Fatalf("first session: %s", got)
+	}
+	if got, _ := ask("192.0.2.90"); !strings.HasPrefix(got, "action=450 4.7.1") {
+		t.Fatalf("second session with Redis up: %s", got)
+	}
+
+	srv.Kill()
+	var slowest time.Duration
+	for i := range 50 {
+		got, took := ask(fmt.Sprintf("192.0.2.%d", 100+i%20))
+		if got != "action=DUNNO" {
+			t.Fatalf("request %d with Redis down: %s (want fail open)", i, got)
+		}
+		slowest = max(slowest, took)
+	}
+	// --store-timeout is 100ms; the breaker answers at once after a few
+	// failures. One second is far below any MTA's policy timeout.
+	if slowest > time.Second {
+		t.Errorf("slowest answer with Redis down took %v", slowest)
+	}
+	t.Logf("slowest of 50 answers with Redis down: %v", slowest)
 	waitStatus(t, url, http.StatusServiceUnavailable, 5*time.Second)
 	resp, err := http.Get(url)
 	if err != nil {
@@ -239,8 +280,20 @@ func TestReadyzFollowsRedis(t *testing.T) {
 	if !strings.HasPrefix(string(body), "not ready: store: ") {
 		t.Errorf("readyz body %q", body)
 	}
+
 	srv.Restart()
+	back := time.Now()
 	waitStatus(t, url, http.StatusOK, 5*time.Second)
+	t.Logf("ready %v after Redis was restarted", time.Since(back))
+	if got, _ := ask("192.0.2.91"); got != "action=DUNNO" {
+		t.Fatalf("first session after the outage: %s", got)
+	}
+	if got, _ := ask("192.0.2.91"); !strings.HasPrefix(got, "action=450 4.7.1") {
+		t.Fatalf("second session after the outage: %s (counting has not resumed)", got)
+	}
+	if !strings.Contains(d.log.String(), "level=WARN") {
+		t.Errorf("the outage was not logged:\n%s", d.log.String())
+	}
 }
 
 // Two policyd hosts on one Redis share their counters: four sessions of
