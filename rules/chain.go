@@ -289,6 +289,9 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 	// A rule may delay without deciding (a tarpit); its delay adds to
 	// whatever the hook answers.
 	var delay time.Duration
+	// Delays of rules on trial: not given, but a dry-run decision's log
+	// line shows the delay the MTA would have seen.
+	var pretend time.Duration
 	for i, e := range c.hooks[h] {
 		res, err := c.call(ctx, e, c.fns[h][i], h, s)
 		if err == nil && res.Code > DenySoftDisconnect {
@@ -305,12 +308,22 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 		if notify {
 			continue
 		}
+		dry := c.opts.DryRun || e.dryRun
 		if res.Code == Declined {
+			if dry && res.Delay > 0 {
+				// A rule on trial must not slow the MTA down.
+				e.log.Debug("delay not applied (dry run)", "hook", h.String(), "client", s.Client.String(), "delay", res.Delay)
+				pretend += res.Delay
+				continue
+			}
 			delay += res.Delay
 			continue
 		}
 		d := Decision{Hook: h, Rule: e.name, Code: res.Code, Text: res.Text, Delay: delay + res.Delay, Err: err}
-		d.DryRun = c.opts.DryRun || e.dryRun
+		d.DryRun = dry
+		if dry {
+			d.Delay += pretend
+		}
 		if d.Code.IsDeny() {
 			ovr := e.ovr
 			if err != nil {
@@ -321,6 +334,11 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 		}
 		c.logDecision(s, e, d)
 		c.opts.Metrics.Decision(s.Protocol, h, e.name, d.Code, d.DryRun)
+		if d.DryRun {
+			// Logged with the delay it would have had; given with the
+			// delays of the rules not on trial only.
+			d.Delay = delay
+		}
 		if e.dryRun && !c.opts.DryRun {
 			// A rule on trial must not hide the rules after it.
 			continue

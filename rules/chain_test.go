@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/rules/rulestest"
@@ -22,6 +23,7 @@ type probe struct {
 	text   string
 	panics bool
 	fails  bool
+	delay  time.Duration
 }
 
 var (
@@ -63,6 +65,7 @@ func init() {
 		default:
 			b.Errorf("answer %q unknown", a)
 		}
+		p.delay = b.Duration("delay", 0, 0, time.Hour)
 		p.panics = b.Bool("panic", false)
 		p.fails = b.Bool("fail", false)
 		return p, nil
@@ -80,7 +83,9 @@ func (p *probe) answerFor(h rules.Hook) (rules.Result, error) {
 	if p.at != "" && p.at != h.String() {
 		return rules.Result{}, nil
 	}
-	return rules.Decided(p.answer, p.text), nil
+	r := rules.Decided(p.answer, p.text)
+	r.Delay = p.delay
+	return r, nil
 }
 
 func (p *probe) Helo(_ context.Context, _ *rules.Session) (rules.Result, error) {
@@ -267,6 +272,33 @@ func TestRun(t *testing.T) {
 			}
 			if d.Refuses() != (tc.wantCode.IsDeny() && !tc.wantDry) {
 				t.Errorf("Refuses() = %v", d.Refuses())
+			}
+		})
+	}
+}
+
+// A rule in dry run may not slow the MTA down: its delay is logged, as
+// what would have happened, and not given; other rules' delays are.
+func TestDryRunDelays(t *testing.T) {
+	for _, tc := range []struct {
+		name, plugins string
+		opts          rulestest.Options
+		wantDelay     time.Duration
+		wantLog       string
+	}{
+		{"a tarpit on dry run", "probe:0 delay 3s dry_run 1\nprobe:1 delay 2s", rulestest.Options{}, 2 * time.Second, "delay not applied (dry run)"},
+		{"a refusal on dry run", "probe:0 delay 1s\nprobe:1 answer DENYSOFT delay 5s dry_run 1", rulestest.Options{}, time.Second, "delay=6s dry_run=true"},
+		{"global dry run", "probe:0 delay 1s\nprobe:1 answer DENYSOFT delay 5s", rulestest.Options{DryRun: true}, 0, "delay=6s dry_run=true"},
+		{"no dry run", "probe:0 delay 1s\nprobe:1 answer DENYSOFT delay 5s", rulestest.Options{}, 6 * time.Second, "delay=6s dry_run=false"},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			h := rulestest.NewWith(t, tc.plugins, nil, tc.opts)
+			d := h.Run(rules.HookConnect, h.Session("192.0.2.1"))
+			if d.Delay != tc.wantDelay {
+				t.Errorf("delay given = %v, want %v", d.Delay, tc.wantDelay)
+			}
+			if !strings.Contains(h.Logs.String(), tc.wantLog) {
+				t.Errorf("log lacks %q:\n%s", tc.wantLog, h.Logs)
 			}
 		})
 	}
