@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"net"
 	"os"
 	"path/filepath"
@@ -122,4 +123,68 @@ func TestDaemonGlobalDryRun(t *testing.T) {
 		`policyd_decisions_total{answer="DENYSOFT",dry_run="true",hook="connect",protocol="policy",rule="connection_shaper"} 1`,
 		`policyd_decisions_total{answer="DENYSOFT",dry_run="true",hook="connect",protocol="milter",rule="connection_shaper"} 1`,
 	)
+}
+
+// SIGHUP swaps the chain for new sessions; a milter session open across
+// the reload, and a policy session already tracked, finish on the chain
+// they started with.
+func TestReloadKeepsOpenSessionsOnTheirChain(t *testing.T) {
+	cfg := t.TempDir()
+	plugins := filepath.Join(cfg, "plugins")
+	os.WriteFile(plugins, []byte("badrcptto recipient other@example.test\n"), 0o644)
+	d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir(), "--milter-listen", "127.0.0.1:0")
+
+	open := milterMTA(t, d.milter)
+	defer open.Close()
+	a, err := open.Conn("client.example", gomilter.FamilyInet, 4000, "192.0.2.40")
+	wantContinue(t, "connect", a, err)
+	a, err = open.Helo("client.example")
+	wantContinue(t, "helo", a, err)
+	pc, err := net.Dial("tcp", d.policy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer pc.Close()
+	pbr := bufio.NewReader(pc)
+	askOld := func(state string) string {
+		return policyAsk(t, pc, pbr, "protocol_state="+state, "client_address=192.0.2.41", "client_port=41",
+			"instance=old.1", "sender=s@example.org", "recipient=trap@example.test")
+	}
+	if got := askOld("MAIL"); got != "action=DUNNO" {
+		t.Fatalf("policy MAIL before reload: %s", got)
+	}
+
+	os.WriteFile(plugins, []byte("badrcptto recipient trap@example.test\n"), 0o644)
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.log.waitFor(t, "msg=reloaded", 1)
+
+	a, err = open.Mail("<s@example.org>", nil)
+	wantContinue(t, "mail in the open session", a, err)
+	a, err = open.Rcpt("<trap@example.test>", nil)
+	wantContinue(t, "rcpt in the session opened before the reload", a, err)
+	if got := askOld("RCPT"); got != "action=DUNNO" {
+		t.Errorf("policy RCPT of the session tracked before the reload: %s", got)
+	}
+
+	fresh := milterMTA(t, d.milter)
+	defer fresh.Close()
+	a, err = fresh.Conn("client.example", gomilter.FamilyInet, 4001, "192.0.2.40")
+	wantContinue(t, "connect after reload", a, err)
+	a, err = fresh.Helo("client.example")
+	wantContinue(t, "helo after reload", a, err)
+	a, err = fresh.Mail("<s@example.org>", nil)
+	wantContinue(t, "mail after reload", a, err)
+	a, err = fresh.Rcpt("<trap@example.test>", nil)
+	if err != nil || a.Code != gomilter.ActReplyCode || a.SMTPCode != 550 {
+		t.Errorf("rcpt in a session opened after the reload: %+v %v", a, err)
+	}
+	nc, err := net.Dial("tcp", d.policy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer nc.Close()
+	if got := policyAsk(t, nc, bufio.NewReader(nc), "protocol_state=RCPT", "client_address=192.0.2.42", "client_port=42",
+		"instance=new.1", "sender=s@example.org", "recipient=trap@example.test"); !strings.HasPrefix(got, "action=550") {
+		t.Errorf("policy session after the reload: %s", got)
+	}
 }
