@@ -3,7 +3,6 @@ package memory
 import (
 	"context"
 	"fmt"
-	"maps"
 	"sort"
 	"strings"
 	"time"
@@ -68,8 +67,7 @@ func (sh *shard) live(key string, now int64) (entry, bool) {
 
 // SetNX implements store.Store.
 func (s *Store) SetNX(ctx context.Context, key string, value []byte, ttl time.Duration) (bool, []byte, error) {
-	v := make([]byte, len(value))
-	copy(v, value)
+	v := string(value)
 	var stored bool
 	var cur entry
 	err := s.locked(ctx, "setnx", []string{key}, func(sh *shard, now int64) error {
@@ -96,9 +94,7 @@ func (e entry) text() []byte {
 	if e.kind == kindInt {
 		return fmt.Appendf(nil, "%d", e.n)
 	}
-	out := make([]byte, len(e.val))
-	copy(out, e.val)
-	return out
+	return []byte(e.val)
 }
 
 // HIncr implements store.Store.
@@ -118,9 +114,10 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 		for _, in := range incs {
 			e, ok := sh.m[in.Key]
 			if !ok {
-				e = entry{kind: kindHash, h: make(map[string]int64, 4)}
+				e = entry{kind: kindHash}
 			}
-			e.h[in.Field] += in.Delta
+			old, _ := fieldGet(e.val, in.Field)
+			e.val = fieldSet(e.val, in.Field, old+in.Delta)
 			e.expires = exp
 			sh.m[in.Key] = e
 		}
@@ -145,7 +142,7 @@ func (s *Store) HGet(ctx context.Context, keys ...string) ([]map[string]int64, e
 			if e.kind != kindHash {
 				return store.ErrWrongType
 			}
-			out[i] = maps.Clone(e.h)
+			out[i] = fieldsMap(e.val)
 		}
 		return nil
 	})
@@ -162,19 +159,19 @@ func (s *Store) Tally(ctx context.Context, key string, now time.Time, quiet, ttl
 		e, ok := sh.live(key, clock)
 		switch {
 		case !ok:
-			e = entry{kind: kindHash, h: make(map[string]int64, 2)}
+			e = entry{kind: kindHash}
 		case e.kind != kindHash:
 			return store.ErrWrongType
 		}
 		nowMS := now.UnixMilli()
-		if last, seen := e.h[store.TallyLast]; !seen || nowMS-last > quiet.Milliseconds() {
-			e.h[store.TallyCount] = 0
+		count, _ = fieldGet(e.val, store.TallyCount)
+		if last, seen := fieldGet(e.val, store.TallyLast); !seen || nowMS-last > quiet.Milliseconds() {
+			count = 0
 		}
-		e.h[store.TallyCount]++
-		e.h[store.TallyLast] = nowMS
+		count++
+		e.val = fieldSet(fieldSet(e.val, store.TallyCount, count), store.TallyLast, nowMS)
 		e.expires = deadline(clock, ttl)
 		sh.set(key, e)
-		count = e.h[store.TallyCount]
 		return nil
 	})
 	return count, err
@@ -188,22 +185,25 @@ func (s *Store) Acquire(ctx context.Context, key, member string, limit int64, no
 		e, ok := sh.live(key, clock)
 		switch {
 		case !ok:
-			e = entry{kind: kindLeases, h: make(map[string]int64, 4)}
+			e = entry{kind: kindLeases}
 		case e.kind != kindLeases:
 			return store.ErrWrongType
 		}
 		nowMS := now.UnixMilli()
-		maps.DeleteFunc(e.h, func(_ string, until int64) bool { return until <= nowMS })
-		_, mine := e.h[member]
-		others := int64(len(e.h))
-		if mine {
-			others--
-		}
+		// Run-out leases go; the member's own is not another's.
+		var others int64
+		e.val = fieldsEdit(e.val, func(f string, until int64) (int64, bool) {
+			live := until > nowMS
+			if live && f != member {
+				others++
+			}
+			return until, live
+		}, "", 0, false)
 		if others < limit {
-			e.h[member] = nowMS + lease.Milliseconds()
+			e.val = fieldSet(e.val, member, nowMS+lease.Milliseconds())
 			granted = true
 		}
-		held = int64(len(e.h))
+		held = int64(fieldCount(e.val))
 		if held == 0 {
 			sh.remove(key)
 			return nil
@@ -225,8 +225,8 @@ func (s *Store) Release(ctx context.Context, key, member string) error {
 		case e.kind != kindLeases:
 			return store.ErrWrongType
 		}
-		delete(e.h, member)
-		if len(e.h) == 0 {
+		e.val = fieldDel(e.val, member)
+		if e.val == "" {
 			sh.remove(key)
 			return nil
 		}
@@ -277,9 +277,9 @@ func (s *Store) Inspect(ctx context.Context, key string) (store.Entry, bool, err
 		}
 		switch e.kind {
 		case kindHash:
-			out.Kind, out.Fields = store.KindHash, maps.Clone(e.h)
+			out.Kind, out.Fields = store.KindHash, fieldsMap(e.val)
 		case kindLeases:
-			out.Kind, out.Fields = store.KindLeases, maps.Clone(e.h)
+			out.Kind, out.Fields = store.KindLeases, fieldsMap(e.val)
 		default:
 			out.Kind, out.Value = store.KindString, e.text()
 		}

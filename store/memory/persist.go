@@ -92,12 +92,10 @@ func encodeEntry(dst []byte, key string, e entry) []byte {
 	case kindInt:
 		dst = binary.AppendVarint(dst, e.n)
 	case kindHash, kindLeases:
-		dst = binary.AppendUvarint(dst, uint64(len(e.h)))
-		for f, v := range e.h {
-			dst = binary.AppendUvarint(dst, uint64(len(f)))
-			dst = append(dst, f...)
-			dst = binary.AppendVarint(dst, v)
-		}
+		// The record format predates packed fields: a count, then the
+		// fields as they are packed.
+		dst = binary.AppendUvarint(dst, uint64(fieldCount(e.val)))
+		dst = append(dst, e.val...)
 	}
 	return dst
 }
@@ -154,7 +152,7 @@ func decodeRecord(p []byte) (op byte, key string, e entry, err error) {
 		if n <= 0 || uint64(len(p)-n) < l {
 			return 0, "", e, bad
 		}
-		e.val = append([]byte{}, p[n:n+int(l)]...)
+		e.val = string(p[n : n+int(l)])
 	case kindInt:
 		if e.n, n = binary.Varint(p); n <= 0 {
 			return 0, "", e, bad
@@ -165,7 +163,7 @@ func decodeRecord(p []byte) (op byte, key string, e entry, err error) {
 			return 0, "", e, bad
 		}
 		p = p[n:]
-		e.h = make(map[string]int64, count)
+		var buf []byte
 		for range count {
 			l, n := binary.Uvarint(p)
 			if n <= 0 || uint64(len(p)-n) < l {
@@ -178,8 +176,9 @@ func decodeRecord(p []byte) (op byte, key string, e entry, err error) {
 				return 0, "", e, bad
 			}
 			p = p[m:]
-			e.h[f] = v
+			buf = appendField(buf, f, v)
 		}
+		e.val = string(buf)
 	default:
 		return 0, "", e, bad
 	}
