@@ -55,6 +55,7 @@ type Registry struct {
 	reloads    *prometheus.CounterVec
 	storeOps   *prometheus.CounterVec
 	storeDur   *prometheus.HistogramVec
+	limitHits  *prometheus.CounterVec
 }
 
 var _ rules.Metrics = (*Registry)(nil)
@@ -92,6 +93,10 @@ func New(bi BuildInfo) *Registry {
 		Help:    "Time one store operation took, whatever its result.",
 		Buckets: storeBuckets,
 	}, []string{"op"})
+	r.limitHits = prometheus.NewCounterVec(prometheus.CounterOpts{
+		Namespace: Namespace, Name: "limit_hits_total",
+		Help: "Times a client hit a front-end limit (SPEC §8), by protocol and limit; the client was dropped, refused or, for sessions, its oldest tracked session ended.",
+	}, []string{"protocol", "limit"})
 	build := prometheus.NewGauge(prometheus.GaugeOpts{
 		Namespace: Namespace, Name: "build_info",
 		Help:        "Always 1; the labels name the running build.",
@@ -99,7 +104,7 @@ func New(bi BuildInfo) *Registry {
 	})
 	build.Set(1)
 
-	r.reg.MustRegister(r.decisions, r.hookDur, r.ruleErrors, r.panics, r.reloads, r.storeOps, r.storeDur, build,
+	r.reg.MustRegister(r.decisions, r.hookDur, r.ruleErrors, r.panics, r.reloads, r.storeOps, r.storeDur, r.limitHits, build,
 		collectors.NewGoCollector(),
 		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
 	)
@@ -134,6 +139,17 @@ func (r *Registry) SessionsOpen(protocol string, f func() int) {
 		Help:        "SMTP sessions a front-end holds right now (milter: open connections; policy: sessions tracked between requests).",
 		ConstLabels: prometheus.Labels{"protocol": protocol},
 	}, func() float64 { return float64(f()) }))
+}
+
+// LimitHits returns what a front-end calls when a client hits one of its
+// limits, counted in policyd_limit_hits_total{protocol,limit}. Every
+// limit named is shown at zero from the start, so an alert on an increase
+// fires at the first hit.
+func (r *Registry) LimitHits(protocol string, limits ...string) func(limit string) {
+	for _, l := range limits {
+		r.limitHits.WithLabelValues(protocol, l)
+	}
+	return func(limit string) { r.limitHits.WithLabelValues(protocol, limit).Inc() }
 }
 
 // ConfigReload counts one reload of the configuration directory.

@@ -32,6 +32,8 @@ func exercised(t *testing.T) *Registry {
 	r.ConfigReload(false)
 	r.SessionsOpen("policy", func() int { return 3 })
 	r.SessionsOpen("milter", func() int { return 0 })
+	r.LimitHits("policy", "line_length", "connections")("line_length")
+	r.LimitHits("milter", "packet_size")
 	st := InstrumentStore(memory.New(memory.Options{}), r)
 	if _, err := st.Incr(context.Background(), store.Key("192.0.2.1", "connection_shaper", "sessions"), 1, time.Minute); err != nil {
 		t.Fatal(err)
@@ -77,6 +79,7 @@ func TestNamesAndLabels(t *testing.T) {
 		"policyd_config_reloads_total":   {"result"},
 		"policyd_rule_errors_total":      {"kind", "rule"},
 		"policyd_panics_total":           {"rule"},
+		"policyd_limit_hits_total":       {"limit", "protocol"},
 		"policyd_build_info":             {"goversion", "version"},
 		"go_goroutines":                  nil,
 		"process_cpu_seconds_total":      nil,
@@ -135,6 +138,9 @@ func TestValues(t *testing.T) {
 		`policyd_store_operations_total{op="get",result="ok"} 0`,
 		`policyd_store_duration_seconds_count{op="incr"} 1`,
 		`policyd_build_info{goversion="go1.26",version="v1.2.3"} 1`,
+		`policyd_limit_hits_total{limit="line_length",protocol="policy"} 1`,
+		`policyd_limit_hits_total{limit="connections",protocol="policy"} 0`,
+		`policyd_limit_hits_total{limit="packet_size",protocol="milter"} 0`,
 	} {
 		if !strings.Contains(string(body), "\n"+line+"\n") {
 			t.Errorf("/metrics lacks\n  %s", line)

@@ -4,8 +4,10 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"log"
+	"log/slog"
 	"math/rand/v2"
 	"net"
 	"runtime"
@@ -47,11 +49,65 @@ func optneg(version, actions, protocol uint32) []byte {
 	return packet('O', d)
 }
 
-// Broken input closes that connection with one log line; other
-// connections keep being served; goroutines come back down.
+// hits counts Config.LimitHit calls by limit.
+type hits struct {
+	mu sync.Mutex
+	m  map[string]int
+}
+
+func (h *hits) hit(limit string) {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.m == nil {
+		h.m = map[string]int{}
+	}
+	h.m[limit]++
+}
+
+func (h *hits) get(limit string) int {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.m[limit]
+}
+
+// macroPacket defines n macros at once.
+func macroPacket(n int) []byte {
+	d := []byte{'C'}
+	for i := range n {
+		d = fmt.Appendf(d, "{m%d}\x00v\x00", i)
+	}
+	return packet('D', d)
+}
+
+// waitClosed fails unless the server closes c within 10s.
+func waitClosed(t *testing.T, c net.Conn) {
+	t.Helper()
+	_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
+	_, err := io.Copy(io.Discard, c)
+	var ne net.Error
+	if errors.As(err, &ne) && ne.Timeout() {
+		t.Fatal("connection still open after 10s")
+	}
+}
+
+// waitOpen waits until the server holds n connections.
+func waitOpen(t *testing.T, srv *milter.Server, n int) {
+	t.Helper()
+	deadline := time.Now().Add(10 * time.Second)
+	for srv.Open() != n {
+		if time.Now().After(deadline) {
+			t.Fatalf("%d connections open, want %d", srv.Open(), n)
+		}
+		runtime.Gosched()
+	}
+}
+
+// Broken input closes that connection with one line in our log (none
+// from go-milter), counted when it is a limit; other connections keep
+// being served; goroutines come back down.
 func TestBadInputOverSocket(t *testing.T) {
-	var logs lockedBuf
-	log.SetOutput(&logs) // go-milter logs through the standard logger
+	var gologs, logs lockedBuf
+	log.SetOutput(&gologs) // go-milter logs through the standard logger
 	defer log.SetOutput(io.Discard)
 	junk := make([]byte, 4096)
 	rng := rand.New(rand.NewPCG(3, 4))
@@ -64,22 +120,27 @@ func TestBadInputOverSocket(t *testing.T) {
 		input []byte
 		half  bool // close our write side after sending
 		logs  string
+		limit string // the limit counted, if any
 	}{
-		{"length 0xFFFFFFFF", []byte{0xff, 0xff, 0xff, 0xff, 'O'}, false, "packet of 4294967295 bytes"},
-		{"length over the limit", binary.BigEndian.AppendUint32(nil, 1<<20), false, "limit 65536"},
-		{"zero length", []byte{0, 0, 0, 0}, false, "zero-length packet"},
-		{"truncated packet", append(binary.BigEndian.AppendUint32(nil, 100), "Hhalf a helo"...), true, "unexpected EOF"},
-		{"unknown command byte", packet('Z', nil), false, "unknown command byte 0x5a"},
-		{"random bytes", junk, false, "broken milter stream"},
-		{"absurd negotiate version", optneg(0xffffffff, 0xffffffff, 0xffffffff), false, "milter version 4294967295"},
-		{"short negotiate", packet('O', []byte{0, 0, 0, 6}), false, "short option negotiation"},
+		{"length 0xFFFFFFFF", []byte{0xff, 0xff, 0xff, 0xff, 'O'}, false, "packet of 4294967295 bytes", milter.LimitPacketSize},
+		{"length over the limit", binary.BigEndian.AppendUint32(nil, 1<<20), false, "limit 65536", milter.LimitPacketSize},
+		{"too many macros", append(optneg(6, 0, 0), macroPacket(257)...), false, "257 macros in one packet, limit 256", milter.LimitMacros},
+		{"zero length", []byte{0, 0, 0, 0}, false, "zero-length packet", ""},
+		{"truncated packet", append(binary.BigEndian.AppendUint32(nil, 100), "Hhalf a helo"...), true, "truncated packet", ""},
+		{"truncated length", []byte{0, 0}, true, "truncated packet", ""},
+		{"unknown command byte", packet('Z', nil), false, "unknown command byte 0x5a", ""},
+		{"random bytes", junk, false, "limit 65536", milter.LimitPacketSize},
+		{"absurd negotiate version", optneg(0xffffffff, 0xffffffff, 0xffffffff), false, "milter version 4294967295", ""},
+		{"short negotiate", packet('O', []byte{0, 0, 0, 6}), false, "short option negotiation", ""},
 	}
+	var counted hits
 	h := rulestest.New(t, "connection_shaper threshold 1000", nil)
-	srv, addr := serve(t, h, milter.Config{})
+	srv, addr := serve(t, h, milter.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), LogEvery: -1, LimitHit: counted.hit})
 	baseline := runtime.NumGoroutine()
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			before := strings.Count(logs.String(), "\n")
+			hitsBefore := counted.get(tc.limit)
 			bad, err := net.Dial("tcp", addr)
 			if err != nil {
 				t.Fatal(err)
@@ -93,23 +154,18 @@ func TestBadInputOverSocket(t *testing.T) {
 			if got := session(t, addr, "192.0.2.77", "r@example.test"); got[3] != "rcpt c" {
 				t.Fatalf("good session: %v", got)
 			}
-			bad.SetReadDeadline(time.Now().Add(10 * time.Second))
-			_, err = io.Copy(io.Discard, bad)
-			var ne net.Error
-			if errors.As(err, &ne) && ne.Timeout() {
-				t.Fatal("broken connection still open after 10s")
-			}
+			waitClosed(t, bad)
 			// The server closed it: wait until its goroutine is gone.
-			deadline := time.Now().Add(10 * time.Second)
-			for srv.Open() > 0 && time.Now().Before(deadline) {
-				runtime.Gosched()
-			}
-			if srv.Open() != 0 {
-				t.Fatalf("%d connections still open", srv.Open())
-			}
+			waitOpen(t, srv, 0)
 			lines := strings.Split(strings.TrimSpace(logs.String()), "\n")[before:]
-			if len(lines) != 1 || !strings.Contains(lines[0], tc.logs) {
+			if len(lines) != 1 || !strings.Contains(lines[0], "milter connection dropped") || !strings.Contains(lines[0], tc.logs) {
 				t.Fatalf("want one log line with %q, got %q", tc.logs, lines)
+			}
+			if tc.limit != "" && counted.get(tc.limit) != hitsBefore+1 {
+				t.Fatalf("limit %s counted %d times, want 1", tc.limit, counted.get(tc.limit)-hitsBefore)
+			}
+			if g := gologs.String(); g != "" {
+				t.Fatalf("go-milter logged on its own: %q", g)
 			}
 		})
 	}
@@ -120,4 +176,109 @@ func TestBadInputOverSocket(t *testing.T) {
 	if n := runtime.NumGoroutine(); n > baseline+2 {
 		t.Fatalf("%d goroutines, baseline %d", n, baseline)
 	}
+}
+
+// Each limit a client can hit without sending anything wrong: the
+// connection is closed, the hit counted, and a line logged.
+func TestLimits(t *testing.T) {
+	tests := []struct {
+		name  string
+		cfg   milter.Config
+		run   func(t *testing.T, srv *milter.Server, addr string)
+		limit string
+		logs  string
+	}{
+		{"idle time", milter.Config{IdleTimeout: 100 * time.Millisecond}, func(t *testing.T, _ *milter.Server, addr string) {
+			c := dialT(t, addr)
+			c.Write(optneg(6, 0, 0))
+			waitClosed(t, c)
+		}, milter.LimitIdleTime, "no packet within 100ms"},
+		{"connection time", milter.Config{MaxConnTime: 300 * time.Millisecond}, func(t *testing.T, _ *milter.Server, addr string) {
+			// A session that keeps talking is still cut at its age limit.
+			c := dialT(t, addr)
+			c.Write(optneg(6, 0, 0))
+			for {
+				if _, err := c.Write(packet('D', []byte("Cj\x00mx\x00"))); err != nil {
+					break
+				}
+				c.SetReadDeadline(time.Now().Add(20 * time.Millisecond))
+				if _, err := c.Read(make([]byte, 64)); errors.Is(err, io.EOF) {
+					break
+				}
+			}
+			waitClosed(t, c)
+		}, milter.LimitConnTime, "connection open for longer than 300ms"},
+		{"connections", milter.Config{MaxConns: 1}, func(t *testing.T, srv *milter.Server, addr string) {
+			first := dialT(t, addr)
+			waitOpen(t, srv, 1)
+			second := dialT(t, addr)
+			waitClosed(t, second)
+			first.Close()
+			waitOpen(t, srv, 0)
+			// The slot is free again.
+			if got := session(t, addr, "192.0.2.78", "r@example.test"); got[3] != "rcpt c" {
+				t.Fatalf("session after the limit: %v", got)
+			}
+		}, milter.LimitConns, "too many milter connections"},
+		{"macros per packet", milter.Config{MaxMacros: 3}, func(t *testing.T, _ *milter.Server, addr string) {
+			c := dialT(t, addr)
+			c.Write(append(optneg(6, 0, 0), macroPacket(4)...))
+			waitClosed(t, c)
+		}, milter.LimitMacros, "4 macros in one packet, limit 3"},
+		{"packet size", milter.Config{MaxPacket: 100}, func(t *testing.T, _ *milter.Server, addr string) {
+			c := dialT(t, addr)
+			c.Write(packet('H', make([]byte, 100)))
+			waitClosed(t, c)
+		}, milter.LimitPacketSize, "packet of 101 bytes, limit 100"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			var logs lockedBuf
+			var counted hits
+			cfg := tc.cfg
+			cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+			cfg.LimitHit = counted.hit
+			h := rulestest.New(t, "connection_shaper threshold 1000", nil)
+			srv, addr := serve(t, h, cfg)
+			tc.run(t, srv, addr)
+			waitOpen(t, srv, 0)
+			if n := counted.get(tc.limit); n != 1 {
+				t.Errorf("limit %s counted %d times, want 1", tc.limit, n)
+			}
+			if !strings.Contains(logs.String(), tc.logs) || !strings.Contains(logs.String(), "limit=") {
+				t.Errorf("log lacks %q:\n%s", tc.logs, logs.String())
+			}
+		})
+	}
+}
+
+// The lines about dropped connections come at a bounded rate, with the
+// number held back; every drop is still counted.
+func TestDropLogRateLimited(t *testing.T) {
+	var logs lockedBuf
+	var counted hits
+	h := rulestest.New(t, "connection_shaper threshold 1000", nil)
+	srv, addr := serve(t, h, milter.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), LogEvery: time.Hour, LimitHit: counted.hit})
+	for range 5 {
+		c := dialT(t, addr)
+		c.Write([]byte{0xff, 0xff, 0xff, 0xff})
+		waitClosed(t, c)
+	}
+	waitOpen(t, srv, 0)
+	if n := strings.Count(logs.String(), "milter connection dropped"); n != 1 {
+		t.Fatalf("%d lines for 5 drops within the interval:\n%s", n, logs.String())
+	}
+	if n := counted.get(milter.LimitPacketSize); n != 5 {
+		t.Fatalf("%d hits counted, want 5", n)
+	}
+}
+
+func dialT(t *testing.T, addr string) net.Conn {
+	t.Helper()
+	c, err := net.Dial("tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }

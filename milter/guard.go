@@ -1,79 +1,142 @@
 package milter
 
 import (
+	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
+	"io"
+	"net"
+	"time"
 )
 
-// guard follows the milter framing (4-byte length, command byte, data)
-// in the bytes the MTA sends, so a broken or hostile peer is cut off
-// before go-milter allocates for it: go-milter would make a buffer of any
-// claimed length up to 1 MiB per connection and wait for it to fill.
-type guard struct {
-	maxPacket uint32
-	hdr       [4]byte
-	hn        int    // header bytes seen
-	left      uint32 // payload bytes still to come
-	atCmd     bool   // next payload byte is the command
-	optneg    int    // OPTNEG version bytes still to check (4 → 0)
-	ver       [4]byte
+// Names of the limits, as counted by Config.LimitHit (the limit label of
+// policyd_limit_hits_total).
+const (
+	LimitPacketSize = "packet_size"     // a packet longer than MaxPacket
+	LimitMacros     = "macros"          // more than MaxMacros macros in one packet
+	LimitIdleTime   = "idle_time"       // no packet within IdleTimeout
+	LimitConnTime   = "connection_time" // a connection open longer than MaxConnTime
+	LimitConns      = "connections"     // a connection refused over MaxConns
+)
+
+// LimitNames lists every limit this front-end counts, so a counter can
+// show each at zero before the first hit.
+var LimitNames = []string{LimitPacketSize, LimitMacros, LimitIdleTime, LimitConnTime, LimitConns}
+
+// dropError is why a connection is dropped; limit is empty when the peer
+// broke the protocol rather than a limit.
+type dropError struct {
+	limit  string
+	reason string
 }
 
-// brokenError is what Read returns for a stream that is not milter.
-type brokenError struct{ reason string }
+func (e *dropError) Error() string { return "broken milter stream: " + e.reason }
 
-func (e brokenError) Error() string { return "broken milter stream: " + e.reason }
+func broken(format string, args ...any) *dropError {
+	return &dropError{reason: fmt.Sprintf(format, args...)}
+}
 
 // known commands, protocol v2 to v6.
 var knownCmd = [256]bool{'A': true, 'B': true, 'C': true, 'D': true, 'E': true, 'H': true, 'K': true, 'L': true,
 	'M': true, 'N': true, 'O': true, 'Q': true, 'R': true, 'T': true, 'U': true}
 
-// scan checks p, the next bytes of the stream.
-func (g *guard) scan(p []byte) error {
-	for len(p) > 0 {
-		if g.left == 0 {
-			k := copy(g.hdr[g.hn:], p)
-			g.hn += k
-			p = p[k:]
-			if g.hn < 4 {
-				return nil
-			}
-			g.hn = 0
-			n := binary.BigEndian.Uint32(g.hdr[:])
-			switch {
-			case n == 0:
-				return brokenError{"zero-length packet"}
-			case n > g.maxPacket:
-				return brokenError{fmt.Sprintf("packet of %d bytes, limit %d", n, g.maxPacket)}
-			}
-			g.left, g.atCmd = n, true
-			continue
+// keepBuf is the largest packet buffer a connection keeps between
+// packets: what MTAs send is far smaller, and an idle connection should
+// not hold a large one.
+const keepBuf = 4 << 10
+
+// next reads one whole packet and checks it before go-milter sees any of
+// it. go-milter would make a buffer of any claimed length up to 1 MiB and
+// wait for it to fill, keep every macro of a packet in a map, and log
+// every broken stream with no bound on the rate; handing it whole, sane
+// packets only means a broken peer never reaches it. The error is io.EOF
+// for a clean close between packets, else a *dropError.
+func (c *conn) next() ([]byte, error) {
+	kind := c.deadline()
+	var hdr [4]byte
+	if _, err := io.ReadFull(c.Conn, hdr[:]); err != nil {
+		return nil, c.readError(err, kind)
+	}
+	n := binary.BigEndian.Uint32(hdr[:])
+	switch {
+	case n == 0:
+		return nil, broken("zero-length packet")
+	case n > c.srv.cfg.MaxPacket:
+		return nil, &dropError{LimitPacketSize, fmt.Sprintf("packet of %d bytes, limit %d", n, c.srv.cfg.MaxPacket)}
+	}
+	size := 4 + int(n)
+	if cap(c.buf) < size {
+		c.buf = make([]byte, size)
+	}
+	pkt := c.buf[:size]
+	if size > keepBuf {
+		c.buf = nil
+	}
+	copy(pkt, hdr[:])
+	kind = c.deadline()
+	if _, err := io.ReadFull(c.Conn, pkt[4:]); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF // the header came: this is a truncated packet
 		}
-		if g.atCmd {
-			cmd := p[0]
-			if !knownCmd[cmd] {
-				return brokenError{fmt.Sprintf("unknown command byte 0x%02x", cmd)}
-			}
-			g.atCmd = false
-			if cmd == 'O' {
-				if g.left < 13 {
-					return brokenError{"short option negotiation"}
-				}
-				g.optneg = 4
-			}
-			p, g.left = p[1:], g.left-1
-			continue
+		return nil, c.readError(err, kind)
+	}
+	if err := checkPacket(pkt[4], pkt[5:], c.srv.cfg.MaxMacros); err != nil {
+		return nil, err
+	}
+	return pkt, nil
+}
+
+// deadline sets the read deadline for the next wait, the nearer of the
+// idle timeout and the end of the connection's allowed lifetime, and
+// says which limit it is.
+func (c *conn) deadline() string {
+	d, kind := time.Now().Add(c.srv.cfg.IdleTimeout), LimitIdleTime
+	if end := c.born.Add(c.srv.cfg.MaxConnTime); end.Before(d) {
+		d, kind = end, LimitConnTime
+	}
+	_ = c.Conn.SetReadDeadline(d)
+	return kind
+}
+
+func (c *conn) readError(err error, kind string) error {
+	var ne net.Error
+	switch {
+	case errors.Is(err, io.EOF), errors.Is(err, net.ErrClosed):
+		// The MTA closed between packets, or shutdown closed the connection.
+		return io.EOF
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return broken("truncated packet")
+	case errors.As(err, &ne) && ne.Timeout():
+		if kind == LimitConnTime {
+			return &dropError{kind, fmt.Sprintf("connection open for longer than %s", c.srv.cfg.MaxConnTime)}
 		}
-		k := min(uint32(len(p)), g.left)
-		if g.optneg > 0 {
-			c := copy(g.ver[4-g.optneg:], p[:min(int(k), g.optneg)])
-			g.optneg -= c
-			// MTAs speak versions 2 to 6; anything else is not an MTA.
-			if v := binary.BigEndian.Uint32(g.ver[:]); g.optneg == 0 && (v < 2 || v > 6) {
-				return brokenError{fmt.Sprintf("option negotiation for milter version %d", v)}
+		return &dropError{kind, fmt.Sprintf("no packet within %s", c.srv.cfg.IdleTimeout)}
+	}
+	return &dropError{reason: fmt.Sprintf("read: %v", err)}
+}
+
+// checkPacket checks one packet's command and data.
+func checkPacket(cmd byte, data []byte, maxMacros int) error {
+	if !knownCmd[cmd] {
+		return broken("unknown command byte 0x%02x", cmd)
+	}
+	switch cmd {
+	case 'O':
+		if len(data) < 12 {
+			return broken("short option negotiation")
+		}
+		// MTAs speak versions 2 to 6; anything else is not an MTA.
+		if v := binary.BigEndian.Uint32(data); v < 2 || v > 6 {
+			return broken("option negotiation for milter version %d", v)
+		}
+	case 'D':
+		// A stage code, then NUL-terminated names and values.
+		if len(data) > 1 {
+			if n := (bytes.Count(data[1:], []byte{0}) + 1) / 2; n > maxMacros {
+				return &dropError{LimitMacros, fmt.Sprintf("%d macros in one packet, limit %d", n, maxMacros)}
 			}
 		}
-		p, g.left = p[k:], g.left-k
 	}
 	return nil
 }

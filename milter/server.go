@@ -13,6 +13,7 @@ package milter
 import (
 	"context"
 	"errors"
+	"io"
 	"log/slog"
 	"net"
 	"sync"
@@ -25,36 +26,70 @@ import (
 	"github.com/policyd-mail/policyd/rules"
 )
 
+// Defaults of Config, also the daemon's flag defaults.
+const (
+	// Between SMTP commands the client may think for smtpd_timeout
+	// (300s), so the MTA may be silent that long: ours is a little longer.
+	DefaultIdleTimeout = 330 * time.Second
+	// One milter connection lasts one SMTP session, which Postfix and
+	// Sendmail bound only per command; a day is beyond any real one
+	// (a maximum-size message at a crawl) and still frees a slot held
+	// by a peer that trickles packets forever.
+	DefaultMaxConnTime = 24 * time.Hour
+	DefaultMaxConns    = 1000
+	// policyd asks for no body and no header lines, so what an MTA sends
+	// is small.
+	DefaultMaxPacket = 64 << 10
+	// Postfix sends a handful of macros per stage (milter_*_macros),
+	// Sendmail a few dozen at most.
+	DefaultMaxMacros = 256
+)
+
 // Config tunes the server. Zero values take the defaults.
 type Config struct {
-	// IdleTimeout bounds the wait for the MTA's next packet. Between SMTP
-	// commands the client may think for smtpd_timeout (300s), so ours is
-	// a little longer.
+	// IdleTimeout bounds the wait for the MTA's next packet.
 	IdleTimeout  time.Duration
 	WriteTimeout time.Duration
+	// MaxConnTime bounds how long one connection may stay open.
+	MaxConnTime time.Duration
 	// MaxCommandDelay and MaxContentDelay cap a rule's delay so the
 	// reply comes within Postfix's milter_command_timeout (30s) and
 	// milter_content_timeout (300s).
 	MaxCommandDelay time.Duration
 	MaxContentDelay time.Duration
 	MaxConns        int
-	// MaxPacket bounds one milter packet. policyd asks for no body and
-	// no header lines, so what an MTA sends is small.
+	// MaxPacket bounds one milter packet, MaxMacros the macros in one.
 	MaxPacket uint32
-	Logger    *slog.Logger
-	Clock     rules.Clock
+	MaxMacros int
+	// LimitHit, when set, counts a client that hit one of the limits
+	// named in LimitNames.
+	LimitHit func(limit string)
+	// LogEvery bounds the lines about refused and dropped connections
+	// to one of each per LogEvery, with the count of those held back;
+	// negative logs every one.
+	LogEvery time.Duration
+	Logger   *slog.Logger
+	Clock    rules.Clock
 }
 
 func (c *Config) defaults() {
-	setDur(&c.IdleTimeout, 330*time.Second)
+	setDur(&c.IdleTimeout, DefaultIdleTimeout)
 	setDur(&c.WriteTimeout, 30*time.Second)
+	setDur(&c.MaxConnTime, DefaultMaxConnTime)
 	setDur(&c.MaxCommandDelay, 25*time.Second)
 	setDur(&c.MaxContentDelay, 250*time.Second)
+	setDur(&c.LogEvery, time.Second)
 	if c.MaxConns == 0 {
-		c.MaxConns = 1000
+		c.MaxConns = DefaultMaxConns
 	}
 	if c.MaxPacket == 0 {
-		c.MaxPacket = 64 << 10
+		c.MaxPacket = DefaultMaxPacket
+	}
+	if c.MaxMacros == 0 {
+		c.MaxMacros = DefaultMaxMacros
+	}
+	if c.LimitHit == nil {
+		c.LimitHit = func(string) {}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -83,12 +118,14 @@ type Server struct {
 	wg       sync.WaitGroup // open connections
 	stop     chan struct{}
 	connSeq  atomic.Uint64
-	dropLog  *ratelog.Limiter
+	dropLog  *ratelog.Limiter // too many connections
+	badLog   *ratelog.Limiter // a connection dropped
 }
 
 // New makes a server; chain returns the chain new sessions start on.
 func New(cfg Config, chain func() *rules.Chain) *Server {
 	cfg.defaults()
+	every := max(cfg.LogEvery, 0)
 	return &Server{
 		cfg:     cfg,
 		chain:   chain,
@@ -96,7 +133,8 @@ func New(cfg Config, chain func() *rules.Chain) *Server {
 		conns:   map[*conn]struct{}{},
 		lns:     map[*listener]struct{}{},
 		stop:    make(chan struct{}),
-		dropLog: ratelog.New(time.Second),
+		dropLog: ratelog.New(every),
+		badLog:  ratelog.New(every),
 	}
 }
 
@@ -150,14 +188,14 @@ func (l *listener) Accept() (net.Conn, error) {
 		select {
 		case l.sem <- struct{}{}:
 		default:
+			l.srv.cfg.LimitHit(LimitConns)
 			if n, ok := l.srv.dropLog.Allow(time.Now()); ok {
 				l.srv.log.Warn("too many milter connections, closing new one", "limit", l.srv.cfg.MaxConns, "remote", nc.RemoteAddr().String(), "suppressed", n)
 			}
 			nc.Close()
 			continue
 		}
-		c := &conn{Conn: nc, srv: l.srv, id: l.srv.connSeq.Add(1), release: func() { <-l.sem }}
-		c.guard.maxPacket = l.srv.cfg.MaxPacket
+		c := &conn{Conn: nc, srv: l.srv, id: l.srv.connSeq.Add(1), born: time.Now(), release: func() { <-l.sem }}
 		if !l.srv.track(c) {
 			nc.Close()
 			<-l.sem
@@ -201,27 +239,52 @@ func (s *Server) track(c *conn) bool {
 	return true
 }
 
-// conn is one MTA connection: deadlines on every read and write, and the
-// session's end hooks when it closes, whoever closes it.
+// conn is one MTA connection: deadlines on every read and write, whole
+// checked packets only (guard.go), and the session's end hooks when it
+// closes, whoever closes it.
 type conn struct {
 	net.Conn
 	srv     *Server
 	id      uint64
+	born    time.Time
 	sess    atomic.Pointer[session]
 	release func()
 	once    sync.Once
-	guard   guard
+	pending []byte // the rest of the checked packet go-milter is reading
+	buf     []byte // reused for small packets
 }
 
-// Read reads with the idle deadline and cuts off a stream that is not
-// milter; go-milter then logs the error once and closes the connection.
+// Read hands go-milter the next checked packet. A broken or hostile
+// stream reads as a clean end: go-milter then closes the connection
+// without a log line of its own, and ours is counted and rate-limited.
 func (c *conn) Read(p []byte) (int, error) {
-	_ = c.Conn.SetReadDeadline(time.Now().Add(c.srv.cfg.IdleTimeout))
-	n, err := c.Conn.Read(p)
-	if gerr := c.guard.scan(p[:n]); gerr != nil {
-		return 0, gerr
+	if len(c.pending) == 0 {
+		pkt, err := c.next()
+		if err != nil {
+			var de *dropError
+			if errors.As(err, &de) {
+				c.srv.dropped(c, de)
+			}
+			return 0, io.EOF
+		}
+		c.pending = pkt
 	}
-	return n, err
+	n := copy(p, c.pending)
+	c.pending = c.pending[n:]
+	return n, nil
+}
+
+// dropped counts and logs a connection dropped for err.
+func (s *Server) dropped(c *conn, err *dropError) {
+	if err.limit != "" {
+		s.cfg.LimitHit(err.limit)
+	}
+	if s.shutting.Load() {
+		return
+	}
+	if n, ok := s.badLog.Allow(time.Now()); ok {
+		s.log.Warn("milter connection dropped", "remote", c.RemoteAddr().String(), "reason", err.reason, "limit", err.limit, "suppressed", n)
+	}
 }
 
 func (c *conn) Write(p []byte) (int, error) {

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"strconv"
 	"sync"
 	"sync/atomic"
@@ -17,17 +18,51 @@ import (
 	"github.com/policyd-mail/policyd/rules"
 )
 
+// Defaults of Config, also the daemon's flag defaults.
+const (
+	// Postfix closes its own side after smtpd_policy_service_max_idle
+	// (300s), so ours is a little longer.
+	DefaultIdleTimeout = 330 * time.Second
+	// Postfix closes a policy connection after smtpd_policy_service_max_ttl
+	// (1000s); an hour leaves room for an operator who raised it, and
+	// still frees a slot held by a client that never lets go.
+	DefaultMaxConnTime = time.Hour
+	DefaultMaxConns    = 1000
+	// Sessions are tracked between requests: one per SMTP client
+	// connection Postfix has open, far below this on any one MTA.
+	DefaultMaxSessions = 100000
+)
+
+// Names of the limits, as counted by Config.LimitHit (the limit label of
+// policyd_limit_hits_total).
+const (
+	LimitLineLength  = "line_length"     // a line longer than Limits.MaxLine
+	LimitAttributes  = "attributes"      // more than Limits.MaxAttrs in a request
+	LimitRequestSize = "request_size"    // a request larger than Limits.MaxRequest
+	LimitIdleTime    = "idle_time"       // no request within IdleTimeout
+	LimitRequestTime = "request_time"    // a request not complete within RequestTimeout
+	LimitConnTime    = "connection_time" // a connection open longer than MaxConnTime
+	LimitConns       = "connections"     // a connection refused over MaxConns
+	LimitSessions    = "sessions"        // a session ended early over MaxSessions
+)
+
+// LimitNames lists every limit this front-end counts, so a counter can
+// show each at zero before the first hit.
+var LimitNames = []string{LimitLineLength, LimitAttributes, LimitRequestSize, LimitIdleTime,
+	LimitRequestTime, LimitConnTime, LimitConns, LimitSessions}
+
 // Config tunes the server. Zero values take the defaults.
 type Config struct {
 	Limits Limits
 	// IdleTimeout bounds the wait for the next request on a connection.
-	// Postfix closes its own side after smtpd_policy_service_max_idle
-	// (300s), so ours is a little longer.
 	IdleTimeout time.Duration
 	// RequestTimeout bounds the rest of a request once its first line came.
 	RequestTimeout time.Duration
 	// WriteTimeout bounds writing a reply.
 	WriteTimeout time.Duration
+	// MaxConnTime bounds how long one connection is kept; past it, the
+	// connection is closed after its current request is answered.
+	MaxConnTime time.Duration
 	// MaxDelay caps a rule's delay; keep it well under Postfix's
 	// smtpd_policy_service_timeout (100s by default, 10s recommended).
 	MaxDelay time.Duration
@@ -37,8 +72,15 @@ type Config struct {
 	// request; MaxSessions bounds how many are tracked.
 	SessionIdle time.Duration
 	MaxSessions int
-	Logger      *slog.Logger
-	Clock       rules.Clock
+	// LimitHit, when set, counts a client that hit one of the limits
+	// named in LimitNames.
+	LimitHit func(limit string)
+	// LogEvery bounds the lines about dropped connections, refused
+	// connections and sessions ended over MaxSessions: one per LogEvery
+	// for each, with the count of those held back; negative logs every one.
+	LogEvery time.Duration
+	Logger   *slog.Logger
+	Clock    rules.Clock
 }
 
 func (c *Config) defaults() {
@@ -51,16 +93,21 @@ func (c *Config) defaults() {
 	if c.Limits.MaxRequest == 0 {
 		c.Limits.MaxRequest = DefaultLimits.MaxRequest
 	}
-	setDur(&c.IdleTimeout, 330*time.Second)
+	setDur(&c.IdleTimeout, DefaultIdleTimeout)
 	setDur(&c.RequestTimeout, 10*time.Second)
 	setDur(&c.WriteTimeout, 10*time.Second)
+	setDur(&c.MaxConnTime, DefaultMaxConnTime)
 	setDur(&c.MaxDelay, 8*time.Second)
 	setDur(&c.SessionIdle, 10*time.Minute)
+	setDur(&c.LogEvery, time.Second)
 	if c.MaxConns == 0 {
-		c.MaxConns = 1000
+		c.MaxConns = DefaultMaxConns
 	}
 	if c.MaxSessions == 0 {
-		c.MaxSessions = 100000
+		c.MaxSessions = DefaultMaxSessions
+	}
+	if c.LimitHit == nil {
+		c.LimitHit = func(string) {}
 	}
 	if c.Logger == nil {
 		c.Logger = slog.New(slog.DiscardHandler)
@@ -91,13 +138,16 @@ type Server struct {
 	stop      chan struct{}  // stops the session sweeper
 	sweepDone chan struct{}
 	connSeq   atomic.Uint64
-	dropLog   *ratelog.Limiter
+	dropLog   *ratelog.Limiter // too many connections
+	badLog    *ratelog.Limiter // a connection dropped
+	sessLog   *ratelog.Limiter // too many sessions
 }
 
 // New makes a server. chain returns the chain new sessions start on, so a
 // reload is a swap behind that function.
 func New(cfg Config, chain func() *rules.Chain) *Server {
 	cfg.defaults()
+	every := max(cfg.LogEvery, 0)
 	s := &Server{
 		cfg:       cfg,
 		chain:     chain,
@@ -106,9 +156,12 @@ func New(cfg Config, chain func() *rules.Chain) *Server {
 		conns:     map[*conn]struct{}{},
 		stop:      make(chan struct{}),
 		sweepDone: make(chan struct{}),
-		dropLog:   ratelog.New(time.Second),
+		dropLog:   ratelog.New(every),
+		badLog:    ratelog.New(every),
+		sessLog:   ratelog.New(every),
 	}
 	s.tracker = newTracker(cfg.MaxSessions, cfg.SessionIdle, s.endSession)
+	s.tracker.overflow = s.sessionsOverflow
 	go s.sweep()
 	return s
 }
@@ -179,6 +232,7 @@ func (s *Server) Serve(ln net.Listener) error {
 		select {
 		case sem <- struct{}{}:
 		default:
+			s.cfg.LimitHit(LimitConns)
 			if n, ok := s.dropLog.Allow(time.Now()); ok {
 				s.log.Warn("too many policy connections, closing new one", "limit", s.cfg.MaxConns, "remote", nc.RemoteAddr().String(), "suppressed", n)
 			}
@@ -233,7 +287,10 @@ func (s *Server) serveConn(c *conn) {
 		s.wg.Done()
 	}()
 	remote := c.nc.RemoteAddr().String()
+	born := time.Now()
+	inRequest := false
 	rd := newReader(c.nc, s.cfg.Limits, func() {
+		inRequest = true
 		c.setBusy(true)
 		s.log.Debug("policy request started", "remote", remote)
 		_ = c.nc.SetReadDeadline(time.Now().Add(s.cfg.RequestTimeout))
@@ -241,11 +298,15 @@ func (s *Server) serveConn(c *conn) {
 	bw := bufio.NewWriterSize(c.nc, 512)
 	var req Request
 	for {
-		_ = c.nc.SetReadDeadline(time.Now().Add(s.cfg.IdleTimeout))
+		inRequest = false
+		wait := s.waitDeadline(c.nc, born)
 		err := rd.read(&req)
 		if err != nil {
 			if !errors.Is(err, io.EOF) && !s.shutting.Load() {
-				s.log.Warn("policy connection dropped", "remote", remote, "reason", err.Error())
+				if inRequest {
+					wait = LimitRequestTime
+				}
+				s.dropped(remote, err, wait)
 			}
 			return
 		}
@@ -266,6 +327,64 @@ func (s *Server) serveConn(c *conn) {
 		if !c.setBusy(false) {
 			return
 		}
+		if time.Since(born) >= s.cfg.MaxConnTime {
+			// Between requests, so Postfix only reconnects for the next one.
+			s.dropped(remote, os.ErrDeadlineExceeded, LimitConnTime)
+			return
+		}
+	}
+}
+
+// waitDeadline sets the deadline for the next request, the nearer of the
+// idle timeout and the end of the connection's allowed lifetime, and
+// says which limit it is.
+func (s *Server) waitDeadline(nc net.Conn, born time.Time) string {
+	d, limit := time.Now().Add(s.cfg.IdleTimeout), LimitIdleTime
+	if end := born.Add(s.cfg.MaxConnTime); end.Before(d) {
+		d, limit = end, LimitConnTime
+	}
+	_ = nc.SetReadDeadline(d)
+	return limit
+}
+
+// dropped counts and logs a connection closed for err; timeout names the
+// limit a deadline stood for.
+func (s *Server) dropped(remote string, err error, timeout string) {
+	limit, reason := "", err.Error()
+	switch {
+	case errors.Is(err, ErrLineTooLong):
+		limit = LimitLineLength
+	case errors.Is(err, ErrTooManyAttrs):
+		limit = LimitAttributes
+	case errors.Is(err, ErrRequestTooBig):
+		limit = LimitRequestSize
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		limit = timeout
+		switch timeout {
+		case LimitConnTime:
+			reason = "connection open for longer than " + s.cfg.MaxConnTime.String()
+		case LimitRequestTime:
+			reason = "request not complete within " + s.cfg.RequestTimeout.String()
+		default:
+			reason = "no request within " + s.cfg.IdleTimeout.String()
+		}
+	}
+	if limit != "" {
+		s.cfg.LimitHit(limit)
+	}
+	if n, ok := s.badLog.Allow(time.Now()); ok {
+		s.log.Warn("policy connection dropped", "remote", remote, "reason", reason, "limit", limit, "suppressed", n)
+	}
+}
+
+// sessionsOverflow counts and logs sessions the tracker ended early to
+// stay within MaxSessions.
+func (s *Server) sessionsOverflow(n int) {
+	for range n {
+		s.cfg.LimitHit(LimitSessions)
+	}
+	if held, ok := s.sessLog.Allow(time.Now()); ok {
+		s.log.Warn("too many policy sessions tracked, ending the least recently used", "limit", s.cfg.MaxSessions, "ended", n, "suppressed", held)
 	}
 }
 

@@ -61,6 +61,8 @@ type tracker struct {
 	max   int
 	idle  time.Duration
 	onEnd func(*tracked) // runs the ending hooks of an evicted session, outside mu
+	// overflow, when set, learns of sessions ended early over max, outside mu.
+	overflow func(n int)
 }
 
 func newTracker(max int, idle time.Duration, onEnd func(*tracked)) *tracker {
@@ -86,6 +88,9 @@ func (t *tracker) get(key sessionKey, now time.Time, mk func() *rules.Session) *
 		ended = append(ended, t.removeLocked(t.lru.Back().Value.(*tracked)))
 	}
 	t.mu.Unlock()
+	if len(ended) > 0 && t.overflow != nil {
+		t.overflow(len(ended))
+	}
 	for _, e := range ended {
 		t.onEnd(e)
 	}

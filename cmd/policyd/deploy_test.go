@@ -63,6 +63,7 @@ func exposed(t testing.TB) (names, labels map[string]bool) {
 	m.RuleError("connection_shaper", rules.HookConnect, "panic")
 	m.ConfigReload(true)
 	m.SessionsOpen("policy", func() int { return 0 })
+	m.LimitHits("policy", "line_length")
 	st := metrics.InstrumentStore(memory.New(memory.Options{}), m)
 	st.Incr(context.Background(), store.Key("192.0.2.1", "x", "y"), 1, time.Minute)
 	mfs, err := m.Gatherer().Gather()

@@ -11,9 +11,12 @@ import (
 	"log/slog"
 	"os"
 	"runtime/debug"
+	"strconv"
 	"strings"
 	"time"
 
+	"github.com/policyd-mail/policyd/milter"
+	"github.com/policyd-mail/policyd/postfixpolicy"
 	"github.com/policyd-mail/policyd/rules"
 	_ "github.com/policyd-mail/policyd/rules/all"
 )
@@ -104,6 +107,20 @@ type options struct {
 	logLevel     string
 	drainTimeout time.Duration
 	policyDelay  time.Duration
+
+	// Limits on what a client can make the daemon hold (SPEC §8).
+	policyMaxLine     int
+	policyMaxAttrs    int
+	policyMaxRequest  int
+	policyMaxConns    int
+	policyMaxSessions int
+	policyIdle        time.Duration
+	policyMaxConnTime time.Duration
+	milterMaxPacket   int
+	milterMaxMacros   int
+	milterMaxConns    int
+	milterIdle        time.Duration
+	milterMaxConnTime time.Duration
 }
 
 func (o *options) register(fs *flag.FlagSet) {
@@ -121,6 +138,46 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.logLevel, "log-level", "info", "log level: debug, info, warn or error")
 	fs.DurationVar(&o.drainTimeout, "drain-timeout", 30*time.Second, "how long SIGTERM waits for open requests")
 	fs.DurationVar(&o.policyDelay, "policy-max-delay", 8*time.Second, "cap on a rule's delay behind the policy protocol; keep it under smtpd_policy_service_timeout")
+
+	// The front-ends read zero as "the default" and a negative bound
+	// would cut every client, so limits must be positive; the upper
+	// bounds keep one connection's buffers from becoming the harm.
+	count := func(p *int, name string, def, most int, usage string) {
+		*p = def
+		fs.Func(name, usage, func(s string) error {
+			n, err := strconv.Atoi(s)
+			if err != nil || n < 1 || n > most {
+				return fmt.Errorf("%q is not a whole number from 1 to %d", s, most)
+			}
+			*p = n
+			return nil
+		})
+		fs.Lookup(name).DefValue = strconv.Itoa(def)
+	}
+	span := func(p *time.Duration, name string, def time.Duration, usage string) {
+		*p = def
+		fs.Func(name, usage, func(s string) error {
+			d, err := time.ParseDuration(s)
+			if err != nil || d <= 0 {
+				return fmt.Errorf("%q is not a positive duration", s)
+			}
+			*p = d
+			return nil
+		})
+		fs.Lookup(name).DefValue = def.String()
+	}
+	count(&o.policyMaxLine, "policy-max-line", postfixpolicy.DefaultLimits.MaxLine, 1<<20, "longest policy attribute line in bytes")
+	count(&o.policyMaxAttrs, "policy-max-attrs", postfixpolicy.DefaultLimits.MaxAttrs, 100000, "most attributes in one policy request")
+	count(&o.policyMaxRequest, "policy-max-request", postfixpolicy.DefaultLimits.MaxRequest, 16<<20, "largest policy request in bytes")
+	count(&o.policyMaxConns, "policy-max-conns", postfixpolicy.DefaultMaxConns, 1<<20, "most open connections on the policy listener")
+	count(&o.policyMaxSessions, "policy-max-sessions", postfixpolicy.DefaultMaxSessions, 1<<24, "most SMTP sessions tracked between policy requests")
+	span(&o.policyIdle, "policy-idle-timeout", postfixpolicy.DefaultIdleTimeout, "close a policy connection without a request for this long; keep it over smtpd_policy_service_max_idle")
+	span(&o.policyMaxConnTime, "policy-max-conn-time", postfixpolicy.DefaultMaxConnTime, "close a policy connection open this long, between requests; keep it over smtpd_policy_service_max_ttl")
+	count(&o.milterMaxPacket, "milter-max-packet", milter.DefaultMaxPacket, 1<<20, "largest milter packet in bytes")
+	count(&o.milterMaxMacros, "milter-max-macros", milter.DefaultMaxMacros, 100000, "most macros in one milter packet")
+	count(&o.milterMaxConns, "milter-max-conns", milter.DefaultMaxConns, 1<<20, "most open connections (SMTP sessions) on the milter listener")
+	span(&o.milterIdle, "milter-idle-timeout", milter.DefaultIdleTimeout, "close a milter connection without a packet for this long; keep it over the MTA's SMTP command timeout")
+	span(&o.milterMaxConnTime, "milter-max-conn-time", milter.DefaultMaxConnTime, "close a milter connection (one SMTP session) open this long")
 }
 
 // parseFlags parses args, then fills every flag not given from its

@@ -150,12 +150,28 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 		mk         func() frontEnd
 	}{
 		{"policy delegation", o.policyListen, func() frontEnd {
-			srv := postfixpolicy.New(postfixpolicy.Config{Logger: log, MaxDelay: o.policyDelay}, d.chain.Load)
+			srv := postfixpolicy.New(postfixpolicy.Config{
+				Logger: log, MaxDelay: o.policyDelay,
+				Limits:      postfixpolicy.Limits{MaxLine: o.policyMaxLine, MaxAttrs: o.policyMaxAttrs, MaxRequest: o.policyMaxRequest},
+				MaxConns:    o.policyMaxConns,
+				MaxSessions: o.policyMaxSessions,
+				IdleTimeout: o.policyIdle,
+				MaxConnTime: o.policyMaxConnTime,
+				LimitHit:    m.LimitHits("policy", postfixpolicy.LimitNames...),
+			}, d.chain.Load)
 			m.SessionsOpen("policy", srv.Sessions)
 			return srv
 		}},
 		{"milter", o.milterListen, func() frontEnd {
-			srv := milter.New(milter.Config{Logger: log}, d.chain.Load)
+			srv := milter.New(milter.Config{
+				Logger:      log,
+				MaxPacket:   uint32(o.milterMaxPacket),
+				MaxMacros:   o.milterMaxMacros,
+				MaxConns:    o.milterMaxConns,
+				IdleTimeout: o.milterIdle,
+				MaxConnTime: o.milterMaxConnTime,
+				LimitHit:    m.LimitHits("milter", milter.LimitNames...),
+			}, d.chain.Load)
 			m.SessionsOpen("milter", srv.Open)
 			return srv
 		}},
