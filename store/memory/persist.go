@@ -56,12 +56,12 @@ type journal struct {
 	syncInterval  time.Duration
 	compactBytes  int64
 
-	mu      sync.Mutex // guards buf and spare
-	buf     []byte
+	mu  sync.Mutex // guards buf and spare
+	buf []byte
 	// spare is the buffer flush last wrote out, handed back to buf at the
 	// next flush: records are appended at the rate of mail, and a fresh
 	// buffer each flush was a third of all allocation on the mail path.
-	spare []byte
+	spare   []byte
 	scratch []byte // encoding space, used under the shard lock of the caller
 
 	fmu     sync.Mutex // guards the files below (flusher, snapshot, Close)
