@@ -58,44 +58,58 @@ type Request struct {
 
 func (r *Request) reset() { *r = Request{} }
 
-// field maps a known attribute name to its slot. A switch on the byte
-// slice converted in place does not allocate.
-func (r *Request) field(name []byte) *string {
+// field maps a known attribute name to its slot and the slot's number
+// (see reader.last). A switch on the byte slice converted in place does
+// not allocate.
+func (r *Request) field(name []byte) (*string, int) {
 	switch string(name) {
 	case "request":
-		return &r.Request
+		return &r.Request, 0
 	case "protocol_state":
-		return &r.ProtocolState
+		return &r.ProtocolState, 1
 	case "protocol_name":
-		return &r.ProtocolName
+		return &r.ProtocolName, 2
 	case "helo_name":
-		return &r.HeloName
+		return &r.HeloName, 3
 	case "queue_id":
-		return &r.QueueID
+		return &r.QueueID, 4
 	case "sender":
-		return &r.Sender
+		return &r.Sender, 5
 	case "recipient":
-		return &r.Recipient
+		return &r.Recipient, 6
 	case "recipient_count":
-		return &r.RecipientCount
+		return &r.RecipientCount, 7
 	case "client_address":
-		return &r.ClientAddress
+		return &r.ClientAddress, 8
 	case "client_name":
-		return &r.ClientName
+		return &r.ClientName, 9
 	case "client_port":
-		return &r.ClientPort
+		return &r.ClientPort, 10
 	case "server_address":
-		return &r.ServerAddress
+		return &r.ServerAddress, 11
 	case "server_port":
-		return &r.ServerPort
+		return &r.ServerPort, 12
 	case "instance":
-		return &r.Instance
+		return &r.Instance, 13
 	case "sasl_username":
-		return &r.SASLUsername
+		return &r.SASLUsername, 14
 	case "size":
-		return &r.Size
+		return &r.Size, 15
 	}
-	return nil
+	return nil, -1
+}
+
+const numFields = 16
+
+// common values of the attributes every request carries, so a request
+// does not allocate for them.
+var common = map[string]string{}
+
+func init() {
+	for _, v := range []string{"smtpd_access_policy", "CONNECT", "EHLO", "HELO", "MAIL", "RCPT", "DATA",
+		"END-OF-MESSAGE", "VRFY", "ETRN", "SMTP", "ESMTP", "LMTP", "0", "1", "2", "25", "587", "465"} {
+		common[v] = v
+	}
 }
 
 // reader reads requests from one connection within Limits.
@@ -105,6 +119,11 @@ type reader struct {
 	// started is called when the first line of a request has arrived, so
 	// the caller can switch from the idle deadline to the request one.
 	started func()
+	// last holds each known attribute's value in the previous request:
+	// the requests of one SMTP session repeat most of them (client,
+	// helo, sender, instance), and reusing the string saves an
+	// allocation each.
+	last [numFields]string
 }
 
 func newReader(rd io.Reader, l Limits, started func()) *reader {
@@ -154,11 +173,26 @@ func (rd *reader) read(req *Request) error {
 		if eq <= 0 || bytes.IndexByte(line, 0) >= 0 {
 			return fmt.Errorf("%w: %q", ErrMalformed, truncate(line, 40))
 		}
-		if p := req.field(line[:eq]); p != nil && *p == "" {
+		if p, i := req.field(line[:eq]); p != nil && *p == "" {
 			// Keep the first of repeated names; Postfix never repeats them.
-			*p = string(line[eq+1:])
+			*p = rd.value(i, line[eq+1:])
 		}
 	}
+}
+
+// value is v as a string, allocated only when it is neither the slot's
+// previous value nor a common one.
+func (rd *reader) value(i int, v []byte) string {
+	// Comparisons and map lookups of string(v) do not allocate.
+	if rd.last[i] == string(v) {
+		return rd.last[i]
+	}
+	s, ok := common[string(v)]
+	if !ok {
+		s = string(v)
+	}
+	rd.last[i] = s
+	return s
 }
 
 func truncate(b []byte, n int) []byte {

@@ -1,0 +1,88 @@
+#!/usr/bin/env bash
+# make bench: policyd against the no-op baseline, both protocols, on the
+# embedded store and on Redis, at c = 1, 4, 16; then the embedded store
+# with 1 k and 1 M distinct clients. Writes docs/benchmarks.md.
+#
+#   BENCH_DURATION   length of each measured run (default 5s)
+#   BENCH_CLIENTS    distinct clients in the runs (default 1000)
+#   BENCH_BIG        clients of the large-store run (default 1000000)
+#   BENCH_OUT        where the report goes (default docs/benchmarks.md)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/bench-lib.sh
+
+dur=${BENCH_DURATION:-5s}
+clients=${BENCH_CLIENTS:-1000}
+big=${BENCH_BIG:-1000000}
+out=${BENCH_OUT:-docs/benchmarks.md}
+need curl jq redis-server redis-cli awk
+build
+write_config "$work/config"
+mkdir -p "$work/res"
+
+# load NAME ARGS...: one policyload run, its JSON report kept as NAME.
+load() {
+	local name=$1
+	shift
+	"$work/policyload" -clients "$clients" -json "$@" >"$work/res/$name.json"
+	jq -r --arg n "$name" '"\($n): \(.rate | floor)/s p50 \(.latency.p50_us)µs p99 \(.latency.p99_us)µs errors \(.errors)"' "$work/res/$name.json" >&2
+}
+field() { jq -r "$2" "$work/res/$1.json"; }
+
+# For each store, policyd and the baseline alternate at each point, so a
+# slow patch of the machine hits both.
+for store in memory redis; do
+	url=memory
+	if [ "$store" = redis ]; then
+		start_redis
+		url=redis://127.0.0.1:$redis_port/0
+	fi
+	start_policyd "$url"
+	for proto in policy milter; do
+		addr=$pd_policy
+		[ "$proto" = milter ] && addr=$pd_milter
+		for c in 1 4 16; do
+			hooks0=$(metric policyd_hook_duration_seconds_count)
+			ops0=$(metric policyd_store_operations_total)
+			[ "$store" = redis ] && { calls0=$(redis_calls); scripts0=$(redis_calls evalsha eval); }
+			load "$store-$proto-$c-policyd" -proto "$proto" -addr "$addr" -c "$c" -duration "$dur"
+			hooks=$(($(metric policyd_hook_duration_seconds_count) - hooks0))
+			ops=$(($(metric policyd_store_operations_total) - ops0))
+			echo "$hooks $ops" >"$work/res/$store-$proto-$c-hooks"
+			if [ "$store" = redis ]; then
+				echo "$(($(redis_calls) - calls0)) $(($(redis_calls evalsha eval) - scripts0))" >"$work/res/$store-$proto-$c-redis"
+			fi
+			load "$store-$proto-$c-baseline" -proto "$proto" -baseline -c "$c" -duration "$dur"
+		done
+	done
+	stop_policyd
+	[ "$store" = redis ] && stop_redis
+done
+
+# The embedded store with few and with many clients, policy at c=16: a
+# fresh daemon per size; the large store is first filled with one session
+# per client (the policy service in the recipient and end-of-data lists,
+# Postfix's usual set-up). Both daemons then run side by side and are
+# measured in turn, twice, so that both meet the same moments of the
+# machine.
+start_policyd memory
+small_pid=$pd_pid small_policy=$pd_policy small_http=$pd_http
+start_policyd memory
+fill_start=$(date +%s)
+"$work/policyload" -proto policy -addr "$pd_policy" -c 16 -clients "$big" -fill -states RCPT,END-OF-MESSAGE \
+	-duration 15m -json >"$work/res/fill.json"
+fill_secs=$(($(date +%s) - fill_start))
+rss_filled=$(metric process_resident_memory_bytes)
+for round in 1 2; do
+	load "small$round" -proto policy -addr "$small_policy" -c 16 -duration "$dur"
+	load "big$round" -proto policy -addr "$pd_policy" -c 16 -duration "$dur" -clients "$big"
+done
+rss_big=$(metric process_resident_memory_bytes)
+stop_policyd
+pd_pid=$small_pid pd_http=$small_http
+rss_small=$(metric process_resident_memory_bytes)
+stop_policyd
+
+mkdir -p "$(dirname "$out")"
+scripts/bench-report.sh "$work/res" "$dur" "$clients" "$big" "$rss_small" "$rss_filled" "$rss_big" "$fill_secs" >"$out"
+echo "wrote $out" >&2
