@@ -1,6 +1,7 @@
 package milter
 
 import (
+	"bufio"
 	"bytes"
 	"encoding/binary"
 	"errors"
@@ -54,8 +55,11 @@ const keepBuf = 4 << 10
 // for a clean close between packets, else a *dropError.
 func (c *conn) next() ([]byte, error) {
 	kind := c.deadline()
+	if c.br == nil {
+		c.br = bufio.NewReaderSize(c.Conn, 4<<10)
+	}
 	var hdr [4]byte
-	if _, err := io.ReadFull(c.Conn, hdr[:]); err != nil {
+	if _, err := io.ReadFull(c.br, hdr[:]); err != nil {
 		return nil, c.readError(err, kind)
 	}
 	n := binary.BigEndian.Uint32(hdr[:])
@@ -75,7 +79,7 @@ func (c *conn) next() ([]byte, error) {
 	}
 	copy(pkt, hdr[:])
 	kind = c.deadline()
-	if _, err := io.ReadFull(c.Conn, pkt[4:]); err != nil {
+	if _, err := io.ReadFull(c.br, pkt[4:]); err != nil {
 		if errors.Is(err, io.EOF) {
 			err = io.ErrUnexpectedEOF // the header came: this is a truncated packet
 		}

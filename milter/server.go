@@ -11,6 +11,7 @@
 package milter
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"io"
@@ -252,6 +253,10 @@ type conn struct {
 	once    sync.Once
 	pending []byte // the rest of the checked packet go-milter is reading
 	buf     []byte // reused for small packets
+	// br batches reads: an MTA writes a command's macro packet and the
+	// command together, and a read per packet header and body was a
+	// quarter of the daemon's time under load.
+	br *bufio.Reader
 }
 
 // Read hands go-milter the next checked packet. A broken or hostile

@@ -162,6 +162,19 @@ func TestAdminToken(t *testing.T) {
 		t.Fatalf("healthz with a token set: %v %v", resp, err)
 	}
 	resp.Body.Close()
+	// Profiles are guarded like the admin API.
+	resp, err = http.Get("http://" + d.http + "/debug/pprof/")
+	if err != nil || resp.StatusCode != http.StatusUnauthorized {
+		t.Fatalf("pprof without the token: %v %v", resp, err)
+	}
+	resp.Body.Close()
+	req, _ := http.NewRequest("GET", "http://"+d.http+"/debug/pprof/goroutine?debug=1", nil)
+	req.Header.Set("Authorization", "Bearer s3cret")
+	resp, err = http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("pprof with the token: %v %v", resp, err)
+	}
+	resp.Body.Close()
 
 	empty := filepath.Join(dir, "empty")
 	os.WriteFile(empty, nil, 0o600)

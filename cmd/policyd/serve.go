@@ -9,6 +9,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"net/http/pprof"
 	"os"
 	"os/signal"
 	"runtime"
@@ -277,6 +278,11 @@ func (d *daemon) httpHandler() http.Handler {
 	admin := adminAuth(d.adminToken, http.HandlerFunc(d.adminClients))
 	mux.Handle("GET /api/v1/clients/{client...}", admin)
 	mux.Handle("DELETE /api/v1/clients/{client...}", admin)
+	// Profiles for `go tool pprof http://ADDR/debug/pprof/profile`,
+	// guarded like the admin API.
+	mux.Handle("GET /debug/pprof/", adminAuth(d.adminToken, http.HandlerFunc(pprof.Index)))
+	mux.Handle("GET /debug/pprof/profile", adminAuth(d.adminToken, http.HandlerFunc(pprof.Profile)))
+	mux.Handle("GET /debug/pprof/trace", adminAuth(d.adminToken, http.HandlerFunc(pprof.Trace)))
 	return mux
 }
 

@@ -39,7 +39,9 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	states := fs.String("states", "CONNECT,EHLO,MAIL,RCPT,DATA,END-OF-MESSAGE", "policy: the protocol states Postfix asks at (where check_policy_service is listed)")
 	fill := fs.Bool("fill", false, "give every client exactly one session, in order, then stop (fills a store with -clients clients)")
 	jsonOut := fs.Bool("json", false, "print the report as JSON")
-	base := fs.Bool("baseline", false, "load an in-process no-op server instead of -addr")
+	base := fs.Bool("baseline", false, "load a no-op server, started in a process of its own, instead of -addr")
+	inProc := fs.Bool("baseline-in-process", false, "with -baseline: run the no-op server inside policyload instead")
+	serveBase := fs.Bool("serve-baseline", false, "serve the no-op server of -proto, print its address, run until stdin closes (what -baseline starts)")
 	timeout := fs.Duration("timeout", 10*time.Second, "bound on each dial, read and write")
 	seed := fs.Uint64("seed", 1, "random seed: the same seed gives the same sessions")
 	if err := fs.Parse(args); err != nil {
@@ -57,8 +59,16 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "policyload:", err)
 		return 2
 	}
+	if *serveBase {
+		if err := serveBaseline(ctx, cfg.proto, os.Stdin, stdout); err != nil {
+			fmt.Fprintln(stderr, "policyload:", err)
+			return 1
+		}
+		return 0
+	}
 	target := cfg.addr
-	if *base {
+	switch {
+	case *base && *inProc:
 		b, err := startBaseline(cfg.proto)
 		if err != nil {
 			fmt.Fprintln(stderr, "policyload:", err)
@@ -66,9 +76,19 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 		defer b.close()
 		cfg.addr, target = b.addr(), "baseline"
-	} else if err := loopbackOnly(cfg.addr); err != nil {
-		fmt.Fprintln(stderr, "policyload:", err)
-		return 2
+	case *base:
+		addr, stop, err := baselineProcess(cfg.proto)
+		if err != nil {
+			fmt.Fprintln(stderr, "policyload:", err)
+			return 1
+		}
+		defer stop()
+		cfg.addr, target = addr, "baseline"
+	default:
+		if err := loopbackOnly(cfg.addr); err != nil {
+			fmt.Fprintln(stderr, "policyload:", err)
+			return 2
+		}
 	}
 	rec, elapsed := runLoad(ctx, cfg)
 	r := newReport(cfg, target, rec, elapsed)

@@ -2,6 +2,8 @@ package main
 
 import (
 	"encoding/json"
+	"os/exec"
+	"path/filepath"
 	"strings"
 	"testing"
 )
@@ -30,7 +32,7 @@ func TestBaselines(t *testing.T) {
 	} {
 		t.Run(tc.proto, func(t *testing.T) {
 			t.Parallel()
-			r := runJSON(t, "-baseline", "-proto", tc.proto, "-c", "3", "-duration", "300ms", "-clients", "50", "-ipv6", "0.5")
+			r := runJSON(t, "-baseline", "-baseline-in-process", "-proto", tc.proto, "-c", "3", "-duration", "300ms", "-clients", "50", "-ipv6", "0.5")
 			if r.Target != "baseline" || r.Unit != tc.unit || r.Concurrency != 3 {
 				t.Errorf("report header: %+v", r)
 			}
@@ -56,7 +58,7 @@ func TestFill(t *testing.T) {
 	for _, proto := range []string{"policy", "milter"} {
 		t.Run(proto, func(t *testing.T) {
 			t.Parallel()
-			r := runJSON(t, "-baseline", "-proto", proto, "-fill", "-clients", "40", "-c", "4", "-duration", "1m")
+			r := runJSON(t, "-baseline", "-baseline-in-process", "-proto", proto, "-fill", "-clients", "40", "-c", "4", "-duration", "1m")
 			if r.Sessions != 40 || r.Errors != 0 {
 				t.Errorf("%d sessions, %d errors (%q), want 40 and none", r.Sessions, r.Errors, r.ErrorSet)
 			}
@@ -69,7 +71,7 @@ func TestFill(t *testing.T) {
 
 func TestTextReport(t *testing.T) {
 	var out, errs strings.Builder
-	if code := run(t.Context(), []string{"-baseline", "-duration", "100ms", "-c", "1", "-states", "RCPT,END-OF-MESSAGE"}, &out, &errs); code != 0 {
+	if code := run(t.Context(), []string{"-baseline", "-baseline-in-process", "-duration", "100ms", "-c", "1", "-states", "RCPT,END-OF-MESSAGE"}, &out, &errs); code != 0 {
 		t.Fatalf("exit %d: %s", code, errs.String())
 	}
 	for _, want := range []string{"policy load on baseline: c=1", "latency   p50", "DUNNO"} {
@@ -116,5 +118,24 @@ func TestNoServer(t *testing.T) {
 	var r Report
 	if err := json.Unmarshal([]byte(out.String()), &r); err != nil || r.Errors == 0 || len(r.ErrorSet) == 0 {
 		t.Errorf("report %+v, %v: want the dial errors", r, err)
+	}
+}
+
+// -baseline starts the no-op server as a child process of the built
+// binary, loads it, and stops it.
+func TestBaselineProcess(t *testing.T) {
+	bin := filepath.Join(t.TempDir(), "policyload")
+	if out, err := exec.Command("go", "build", "-o", bin, ".").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	for _, proto := range []string{"policy", "milter"} {
+		out, err := exec.Command(bin, "-baseline", "-proto", proto, "-c", "2", "-duration", "200ms", "-clients", "10", "-json").Output()
+		if err != nil {
+			t.Fatalf("%s: %v", proto, err)
+		}
+		var r Report
+		if err := json.Unmarshal(out, &r); err != nil || r.Target != "baseline" || r.Ops == 0 || r.Errors != 0 {
+			t.Fatalf("%s: %+v %v\n%s", proto, r, err, out)
+		}
 	}
 }
