@@ -55,8 +55,14 @@ for store in memory redis; do
 			load "$store-$proto-$c-baseline" -proto "$proto" -baseline -c "$c" -duration "$dur"
 		done
 	done
+	if [ "$store" = redis ]; then
+		# Redis stopped under policyd: every rule fails open at once
+		# (circuit breaker); the rate is compared with the Redis runs'
+		# baseline.
+		stop_redis
+		load "redis-down-policy-16-policyd" -proto policy -addr "$pd_policy" -c 16 -duration "$dur"
+	fi
 	stop_policyd
-	[ "$store" = redis ] && stop_redis
 done
 
 # The embedded store with few and with many clients, policy at c=16: a
