@@ -246,9 +246,10 @@ func TestLimits(t *testing.T) {
 			}
 		}, postfixpolicy.LimitConns, "too many policy connections"},
 		{"sessions", postfixpolicy.Config{MaxSessions: 2}, func(t *testing.T, addr string) {
-			c := dial(t, addr)
+			// Three smtpd processes, each in a session: one connection each
+			// (a connection's previous session ends when it moves on).
 			for _, port := range []string{"1", "2", "3"} {
-				if got := c.ask("protocol_state=RCPT", "client_address=192.0.2.63", "client_port="+port); got != "DUNNO" {
+				if got := dial(t, addr).ask("protocol_state=RCPT", "client_address=192.0.2.63", "client_port="+port); got != "DUNNO" {
 					t.Fatal(got)
 				}
 			}

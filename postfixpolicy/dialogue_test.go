@@ -170,3 +170,41 @@ func runDialogue(t *testing.T, file string) {
 		t.Fatalf("%s: last request has no action", file)
 	}
 }
+
+// An smtpd process serves one session at a time over its own policy
+// connection: sessions one after another on one connection leave one
+// tracked, and each ends (its disconnect hook runs) as the next begins;
+// sessions on connections of their own stay tracked until idle.
+func TestConnectionMovingOnEndsItsSession(t *testing.T) {
+	h := rulestest.New(t, "connection_shaper threshold 1000", nil)
+	srv, addr := start(t, h, postfixpolicy.Config{})
+	c := dial(t, addr)
+	for port := 1; port <= 10; port++ {
+		if got := c.ask("protocol_state=RCPT", "client_address=192.0.2.70", fmt.Sprintf("client_port=%d", port)); got != "DUNNO" {
+			t.Fatal(got)
+		}
+		if n := srv.Sessions(); n != 1 {
+			t.Fatalf("after session %d on one connection: %d sessions tracked, want 1", port, n)
+		}
+	}
+	for port := 11; port <= 13; port++ {
+		if got := dial(t, addr).ask("protocol_state=RCPT", "client_address=192.0.2.70", fmt.Sprintf("client_port=%d", port)); got != "DUNNO" {
+			t.Fatal(got)
+		}
+	}
+	if n := srv.Sessions(); n != 4 {
+		t.Fatalf("%d sessions tracked, want 4: the last of the first connection and one per other connection", n)
+	}
+	// A request the server answers without a session does not end one.
+	for _, bad := range [][]string{
+		{"protocol_state=BOGUS", "client_address=192.0.2.71", "client_port=1"},
+		{"protocol_state=RCPT", "client_address=mx.example", "client_port=1"},
+	} {
+		if got := c.ask(bad...); got != "DUNNO" {
+			t.Fatal(got)
+		}
+	}
+	if n := srv.Sessions(); n != 4 {
+		t.Fatalf("after a bad request: %d sessions tracked, want 4", n)
+	}
+}

@@ -297,6 +297,14 @@ func (s *Server) serveConn(c *conn) {
 	})
 	bw := bufio.NewWriterSize(c.nc, 512)
 	var req Request
+	// Each smtpd process has its own policy connection and serves one SMTP
+	// session at a time: when a request of another session comes on this
+	// connection, the previous session is over. Ending it then, rather
+	// than after SessionIdle, keeps the tracked sessions near the number
+	// of smtpd processes instead of the sessions of the last minutes.
+	// A connection that closes leaves its last session to the idle
+	// expiry: it may close in the middle of one, and smtpd reconnects.
+	var last sessionKey
 	for {
 		inRequest = false
 		wait := s.waitDeadline(c.nc, born)
@@ -309,6 +317,12 @@ func (s *Server) serveConn(c *conn) {
 				s.dropped(remote, err, wait)
 			}
 			return
+		}
+		if key, ok := keyOf(&req, c.id); ok && key != last {
+			if last != (sessionKey{}) {
+				s.tracker.end(last)
+			}
+			last = key
 		}
 		act, delay := s.answer(&req, c.id)
 		if delay > 0 {
@@ -416,12 +430,7 @@ func (s *Server) answer(req *Request, connID uint64) (string, time.Duration) {
 		s.log.Warn("request without a usable client_address, answering DUNNO", "client_address", req.ClientAddress)
 		return "DUNNO", 0
 	}
-	key := sessionKey{client: req.ClientAddress, port: req.ClientPort, server: req.ServerAddress, sport: req.ServerPort}
-	if key.port == "" {
-		// Postfix before 3.0 sends no client_port: one connection then
-		// stands for one smtpd process, which serves one session at a time.
-		key.port = "conn-" + strconv.FormatUint(connID, 10)
-	}
+	key, _ := keyOf(req, connID)
 	for {
 		ts := s.tracker.get(key, s.cfg.Clock.Now(), func() *rules.Session { return s.newSession(key, req, addr) })
 		o, ok := s.answerLocked(ts, key, req, addr, st)
@@ -430,6 +439,24 @@ func (s *Server) answer(req *Request, connID uint64) (string, time.Duration) {
 		}
 		// Evicted between lookup and lock: start afresh.
 	}
+}
+
+// keyOf is the tracker's key of req's SMTP session; false for a request
+// answered without one.
+func keyOf(req *Request, connID uint64) (sessionKey, bool) {
+	if _, ok := stageOf(req.ProtocolState); !ok || req.Request != "smtpd_access_policy" {
+		return sessionKey{}, false
+	}
+	if _, err := netip.ParseAddr(req.ClientAddress); err != nil {
+		return sessionKey{}, false
+	}
+	key := sessionKey{client: req.ClientAddress, port: req.ClientPort, server: req.ServerAddress, sport: req.ServerPort}
+	if key.port == "" {
+		// Postfix before 3.0 sends no client_port: one connection then
+		// stands for one smtpd process, which serves one session at a time.
+		key.port = "conn-" + strconv.FormatUint(connID, 10)
+	}
+	return key, true
 }
 
 func (s *Server) newSession(key sessionKey, req *Request, addr netip.Addr) *rules.Session {

@@ -134,6 +134,19 @@ func (t *tracker) drain(ctx context.Context) int {
 	return 0
 }
 
+// end ends the session under key now, if it is still tracked.
+func (t *tracker) end(key sessionKey) {
+	t.mu.Lock()
+	ts, ok := t.m[key]
+	if ok {
+		t.removeLocked(ts)
+	}
+	t.mu.Unlock()
+	if ok {
+		t.onEnd(ts)
+	}
+}
+
 func (t *tracker) removeLocked(ts *tracked) *tracked {
 	t.lru.Remove(ts.elem)
 	delete(t.m, ts.key)

@@ -1,7 +1,9 @@
 package hostsallow_test
 
 import (
+	"bufio"
 	"context"
+	"fmt"
 	"net"
 	"strconv"
 	"strings"
@@ -12,11 +14,11 @@ import (
 
 	"github.com/policyd-mail/policyd/internal/frontendtest"
 	"github.com/policyd-mail/policyd/milter"
+	"github.com/policyd-mail/policyd/postfixpolicy"
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/rules/rulestest"
 )
 
-const tooMany = "4 Too many concurrent connections from your address (more than 1), please try again later"
 
 // Overlapping milter connections are overlapping SMTP sessions: the
 // fourth is refused with 421 while three are open, and closing one (the
@@ -139,20 +141,57 @@ func TestBothFrontEndsAgree(t *testing.T) {
 }
 
 // The documented difference: the policy protocol never reports a
-// disconnect, so sessions one after the other count as concurrent there
-// until their lease runs out. (Behind milter each slot is freed when the
-// connection closes: TestOverlappingMilterConnections.)
-func TestPolicyHoldsSlotsUntilTheLeaseRunsOut(t *testing.T) {
+// disconnect. Sessions one after the other on one policy connection (one
+// smtpd process) free their slot as the next begins; a session whose
+// connection carries nothing more holds it until the lease runs out.
+// (Behind milter each slot is freed when the connection closes:
+// TestOverlappingMilterConnections.)
+func TestPolicyHoldsSlotsUntilTheSessionEnds(t *testing.T) {
 	sessions := []frontendtest.Session{
 		{Client: "192.0.2.1"},
 		{Client: "192.0.2.1", Advance: 30 * time.Second},
-		{Client: "192.0.2.1", Advance: 30 * time.Second}, // exactly the lease
+		{Client: "192.0.2.1", Advance: 30 * time.Second},
 	}
 	got := frontendtest.Policy(t, "hosts_allow max_conn_ip 1 lease 60", nil, sessions)
-	want := []string{"rcpt user@example.test: ok; message: ok", "rcpt user@example.test: " + tooMany, "rcpt user@example.test: ok; message: ok"}
 	for i := range sessions {
-		if got[i].String() != want[i] {
-			t.Errorf("policy session %d: %s\nwant %s", i+1, got[i], want[i])
+		if want := "rcpt user@example.test: ok; message: ok"; got[i].String() != want {
+			t.Errorf("policy session %d on one connection: %s\nwant %s", i+1, got[i], want)
 		}
+	}
+
+	h := rulestest.New(t, "hosts_allow max_conn_ip 1 lease 60", nil)
+	srv := postfixpolicy.New(postfixpolicy.Config{Clock: h.Clock}, func() *rules.Chain { return h.Chain })
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go srv.Serve(ln)
+	defer srv.Shutdown(context.Background())
+	ask := func(port string) string {
+		t.Helper()
+		c, err := net.Dial("tcp", ln.Addr().String())
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(10 * time.Second))
+		fmt.Fprintf(c, "request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\nclient_port=%s\n\n", port)
+		line, err := bufio.NewReader(c).ReadString('\n')
+		if err != nil {
+			t.Fatal(err)
+		}
+		return strings.TrimSpace(line)
+	}
+	// Two smtpd processes, one connection each: the first session's
+	// connection carries nothing more, so its slot stays taken.
+	if got := ask("1"); got != "action=DUNNO" {
+		t.Fatalf("first session: %s", got)
+	}
+	if got := ask("2"); !strings.HasPrefix(got, "action=421 4.7.0 Too many concurrent") {
+		t.Fatalf("second session on another connection: %s", got)
+	}
+	h.Clock.Advance(61 * time.Second)
+	if got := ask("3"); got != "action=DUNNO" {
+		t.Fatalf("after the lease ran out: %s", got)
 	}
 }
