@@ -19,7 +19,6 @@ import (
 	"github.com/policyd-mail/policyd/rules/rulestest"
 )
 
-
 // Overlapping milter connections are overlapping SMTP sessions: the
 // fourth is refused with 421 while three are open, and closing one (the
 // MTA ends the milter connection with the SMTP session) frees its slot.
