@@ -5,9 +5,11 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"path"
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -75,6 +77,8 @@ type entry struct {
 	effective []string
 	log       *slog.Logger
 	errLog    *ratelog.Limiter
+	// warnOverride says once that code or enhanced did not apply.
+	warnOverride sync.Once
 }
 
 type override struct {
@@ -153,11 +157,40 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		e.rule = rule
 		c.add(e)
 	}
+	warns = append(warns, unreadFiles(fsys, dir, lines)...)
 	warns = sortErrors(warns)
 	if len(errs) > 0 {
 		return nil, warns, sortErrors(errs)
 	}
 	return c, warns, nil
+}
+
+// unreadFiles warns about the files of the config directory no rule
+// reads: a misspelt rule file, or one per instance ("greylisting:1"),
+// whose settings would otherwise be ignored without a word.
+func unreadFiles(fsys fs.FS, dir string, lines []PluginLine) ConfigErrors {
+	ents, err := fs.ReadDir(fsys, ".")
+	if err != nil {
+		return nil
+	}
+	read := map[string]bool{"plugins": true}
+	for _, pl := range lines {
+		read[pl.Rule] = true
+	}
+	var warns ConfigErrors
+	for _, e := range ents {
+		name := e.Name()
+		if !e.Type().IsRegular() || read[name] || strings.HasPrefix(name, ".") || strings.HasSuffix(name, "~") ||
+			strings.Contains(name, ".dpkg-") || strings.HasSuffix(name, ".bak") || strings.HasSuffix(name, ".orig") {
+			continue
+		}
+		msg := "not read: no rule of that name in plugins"
+		if rule, _, ok := strings.Cut(name, ":"); ok && read[rule] {
+			msg = fmt.Sprintf("not read: every instance of %s reads the file %s; give an instance its own settings on its plugins line", rule, rule)
+		}
+		warns = append(warns, ConfigError{Pos: Pos{File: path.Join(dir, name)}, Msg: msg, Warning: true})
+	}
+	return warns
 }
 
 // sortErrors orders problems by file and line, as an editor walks them,
@@ -331,6 +364,12 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 			}
 			d.Reply = replyFor(d.Code, d.Text, ovr)
 			d.Text = d.Reply.Text
+			if (ovr.code != 0 && !d.Reply.CodeSet) || (ovr.enhanced != "" && d.Reply.Enhanced != ovr.enhanced) {
+				e.warnOverride.Do(func() {
+					e.log.Warn("code or enhanced override not applied: an override replaces only codes of its own class, and never a disconnecting answer's",
+						"answer", d.Code.String(), "code", ovr.code, "enhanced", ovr.enhanced, "reply", d.Reply.String())
+				})
+			}
 		}
 		c.logDecision(s, e, d)
 		c.opts.Metrics.Decision(s.Protocol, h, e.name, d.Code, d.DryRun)

@@ -7,6 +7,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"testing/fstest"
 	"time"
 
 	"github.com/policyd-mail/policyd/rules"
@@ -216,7 +217,7 @@ func TestRun(t *testing.T) {
 			wantRule:  "probe",
 			wantReply: "450 4.2.0 Temporary failure, please try again later",
 			wantCalls: []string{"probe connect", "probe deny-observer connect probe DENYSOFT"},
-			wantLogs:  1,
+			wantLogs:  2, // the decision, and a warning that code was not applied
 		},
 		{
 			name:      "disconnect answers map to 421 and 521",
@@ -341,4 +342,48 @@ func TestParseStoreErrorPolicy(t *testing.T) {
 		t.Error("maybe accepted")
 	}
 	_ = errors.New
+}
+
+// Files no rule reads are reported, so settings never go ignored in
+// silence.
+func TestUnreadFilesWarn(t *testing.T) {
+	fsys := fstest.MapFS{
+		"plugins":     {Data: []byte("probe:0\nprobe:1\n")},
+		"probe":       {Data: []byte("say hello\n")},
+		"probe:1":     {Data: []byte("say other\n")},
+		"prbe":        {Data: []byte("say typo\n")},
+		"probe~":      {Data: []byte("editor backup\n")},
+		".probe.swp":  {Data: []byte("editor swap\n")},
+		"probe.bak":   {Data: []byte("backup\n")},
+		"sub/nothing": {Data: []byte("a directory\n")},
+	}
+	_, warns, err := rules.Load(fsys, "cfg", rules.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got := warns.Error()
+	for _, want := range []string{
+		"cfg/prbe: warning: not read: no rule of that name in plugins",
+		"cfg/probe:1: warning: not read: every instance of probe reads the file probe; give an instance its own settings on its plugins line",
+	} {
+		if !strings.Contains(got, want) {
+			t.Errorf("warnings lack %q:\n%s", want, got)
+		}
+	}
+	if len(warns) != 2 {
+		t.Errorf("%d warnings, want 2:\n%s", len(warns), got)
+	}
+}
+
+// An override of the other class is not applied, and said so once.
+func TestOverrideOfTheOtherClassWarnsOnce(t *testing.T) {
+	h := rulestest.New(t, "probe answer DENYSOFT code 550 enhanced 5.7.28", nil)
+	for range 3 {
+		if d := h.Run(rules.HookConnect, h.Session("192.0.2.1")); d.Reply.String() != "450 4.7.1 Temporary failure, please try again later" {
+			t.Fatalf("reply %q", d.Reply)
+		}
+	}
+	if n := strings.Count(h.Logs.String(), "override not applied"); n != 1 {
+		t.Fatalf("%d warnings, want 1:\n%s", n, h.Logs)
+	}
 }

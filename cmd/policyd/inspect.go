@@ -153,15 +153,15 @@ func printInspect(w io.Writer, r adminReply) {
 		fmt.Fprintf(w, "%s: nothing stored\n", r.Client)
 		return
 	}
-	fmt.Fprintf(w, "%s: %d records\n", r.Client, len(r.Records))
+	fmt.Fprintf(w, "%s: %s\n", r.Client, count(len(r.Records), "record"))
 	printRecords(w, r.Records)
 }
 
 func printForget(w io.Writer, r adminReply) {
-	fmt.Fprintf(w, "%s: deleted %d records\n", r.Client, len(r.Deleted))
+	fmt.Fprintf(w, "%s: deleted %s\n", r.Client, count(len(r.Deleted), "record"))
 	printRecords(w, r.Deleted)
 	if len(r.Kept) > 0 {
-		fmt.Fprintf(w, "kept %d records about wider networks (forget the network to remove them):\n", len(r.Kept))
+		fmt.Fprintf(w, "kept %s about wider networks (forget the network to remove them):\n", count(len(r.Kept), "record"))
 		printRecords(w, r.Kept)
 	}
 }
@@ -206,4 +206,12 @@ func recordValue(r adminRecord) string {
 		parts = append(parts, f+"="+v)
 	}
 	return strings.Join(parts, " ")
+}
+
+// count is "1 record", "2 records".
+func count(n int, noun string) string {
+	if n == 1 {
+		return "1 " + noun
+	}
+	return fmt.Sprintf("%d %ss", n, noun)
 }

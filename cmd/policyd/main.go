@@ -263,7 +263,7 @@ func check(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, err.Error())
 		return 1
 	}
-	fmt.Fprintf(stdout, "%s: OK, %d rules\n", name, len(c.Rules()))
+	fmt.Fprintf(stdout, "%s: OK, %s\n", name, count(len(c.Rules()), "rule"))
 	fmt.Fprint(stdout, c.Describe())
 	return 0
 }

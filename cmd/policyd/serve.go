@@ -235,7 +235,7 @@ func (d *daemon) load() (*rules.Chain, error) {
 			for _, e := range ce {
 				d.log.Error("config", "problem", e.Error())
 			}
-			return nil, fmt.Errorf("%s: %d problems in the configuration", name, len(ce))
+			return nil, fmt.Errorf("%s: %s in the configuration", name, count(len(ce), "problem"))
 		}
 		return nil, err
 	}

@@ -14,6 +14,7 @@ import (
 	"time"
 
 	"github.com/policyd-mail/policyd/rules"
+	"github.com/policyd-mail/policyd/store"
 )
 
 // simulate runs one SMTP session through the chain, on the store the
@@ -27,7 +28,7 @@ func simulate(args []string, stdout, stderr io.Writer) int {
 	fset := flag.NewFlagSet("policyd simulate", flag.ContinueOnError)
 	fset.SetOutput(stderr)
 	fset.StringVar(&o.config, "config", "", "config directory (default ./config if it exists, else the built-in chain)")
-	fset.StringVar(&o.storeURL, "store", "memory", "store: memory (embedded)")
+	fset.StringVar(&o.storeURL, "store", "memory", "store: memory (embedded, under --state-dir), redis://host:port/db, redis+sentinel://h1:p,h2:p/master, redis+cluster://h1:p,h2:p")
 	fset.StringVar(&o.stateDir, "state-dir", "./state", "where the embedded store persists its data")
 	fset.DurationVar(&o.storeTimeout, "store-timeout", 100*time.Millisecond, "bound on every store call")
 	fset.StringVar(&ip, "ip", "", "the client's address (required)")
@@ -83,6 +84,15 @@ flags:
 		return 1
 	}
 	defer st.Close()
+	// Rules fail open without their store: every hook would print
+	// DECLINED, which reads as "this client passes".
+	pctx, cancel := context.WithTimeout(context.Background(), max(o.storeTimeout, time.Second))
+	_, _, err = st.Get(pctx, store.Prefix+"simulate")
+	cancel()
+	if err != nil {
+		fmt.Fprintln(stderr, "policyd simulate: the store does not answer, so every rule would fail open:", err)
+		return 1
+	}
 	c, warns, err := rules.Load(fsys, name, rules.Options{Store: st, Logger: log})
 	for _, w := range warns {
 		fmt.Fprintln(stderr, w.Error())

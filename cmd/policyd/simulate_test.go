@@ -177,6 +177,7 @@ func TestSimulateUsage(t *testing.T) {
 		{[]string{"simulate", "--ip", "mx.example.org"}, 2, "is not an IP address"},
 		{[]string{"simulate", "--ip", "192.0.2.1", "--session", "0"}, 2, "--session must be 1 or more"},
 		{[]string{"simulate", "--ip", "192.0.2.1", "--store", "nosuch://"}, 1, "not a store URL"},
+		{[]string{"simulate", "--ip", "192.0.2.1", "--store", "redis://127.0.0.1:1/0"}, 1, "the store does not answer"},
 		{[]string{"simulate", "--ip", "192.0.2.1", "--config", filepath.Join(t.TempDir(), "missing")}, 1, "config directory"},
 	} {
 		out.Reset()
