@@ -14,6 +14,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 )
@@ -64,12 +65,14 @@ type journal struct {
 	spare   []byte
 	scratch []byte // encoding space, used under the shard lock of the caller
 
-	fmu     sync.Mutex // guards the files below (flusher, snapshot, Close)
-	gen     uint64
-	f       *os.File
-	size    int64
-	lock    *os.File
-	lastErr time.Time
+	fmu  sync.Mutex // guards the files below (flusher, snapshot, Close)
+	gen  uint64
+	f    *os.File
+	size int64
+	// snapSize is the last snapshot's size in bytes.
+	snapSize atomic.Int64
+	lock     *os.File
+	lastErr  time.Time
 
 	stop chan struct{}
 	done chan struct{}
@@ -290,6 +293,9 @@ func (j *journal) recover(s *Store) uint64 {
 	var covered uint64
 	loaded := 0
 	if f, err := os.Open(filepath.Join(j.dir, "snapshot")); err == nil {
+		if fi, err := f.Stat(); err == nil {
+			j.snapSize.Store(fi.Size())
+		}
 		first := true
 		err := readRecords(f, func(p []byte) error {
 			if first {
@@ -366,7 +372,10 @@ func (j *journal) run(s *Store) {
 				lastSync = time.Now()
 			}
 			j.flush(sync)
-			if j.compactBytes > 0 && j.size > j.compactBytes {
+			// A snapshot costs the store's size, so it waits for a journal
+			// at least as big as the last snapshot: the rewriting stays a
+			// constant share of the updates however many clients there are.
+			if j.compactBytes > 0 && j.size > max(j.compactBytes, j.snapSize.Load()) {
 				j.snapshot(s)
 			}
 		}
@@ -470,6 +479,9 @@ func (j *journal) writeSnapshot(s *Store, covered uint64) error {
 	}
 	if err := f.Close(); err != nil {
 		return err
+	}
+	if fi, err := os.Stat(tmp); err == nil {
+		j.snapSize.Store(fi.Size())
 	}
 	if err := os.Rename(tmp, filepath.Join(j.dir, "snapshot")); err != nil {
 		return err
