@@ -32,7 +32,7 @@ lint:
 # protocols, embedded store and Redis), written to docs/benchmarks.md.
 # BENCH_DURATION (default 5s) is the length of each of the ~26 runs.
 bench:
-	$(GO) test -run '^$$' -bench . -benchmem ./rules/... ./postfixpolicy/ ./store/...
+	$(GO) test -p 1 -run '^$$' -bench . -benchmem ./rules/... ./postfixpolicy/ ./store/... ./milter/
 	GO=$(GO) ./scripts/bench.sh
 
 # Mixed load on policyd with Redis, Redis restarted midway; reports RSS,
