@@ -92,15 +92,22 @@ func parseClientKey(k string) (rule string, about netip.Prefix, ok bool) {
 		return "", netip.Prefix{}, false
 	}
 	rule, what, _ := strings.Cut(rest, ":")
-	// "rule:N:what" is instance N, unless what itself is an IPv6 network
-	// starting with digits ("client_stats:2001:db8::/32").
-	if w, ok := aboutNet(what); ok {
+	// A record about a network of its own (client_stats) keeps it under
+	// its widest network's tag, so the network lies inside the tag. That
+	// tells "rule:N:what" (instance N) from an IPv6 network that starts
+	// with digits: "client_stats:1:2001:db8::/48" is instance 1, and
+	// "client_stats:2001:db8::/48" is no instance.
+	inTag := func(w string) (netip.Prefix, bool) {
+		n, ok := aboutNet(w)
+		return n, ok && n.Bits() >= about.Bits() && about.Contains(n.Addr())
+	}
+	if w, ok := inTag(what); ok {
 		return rule, w, rule != ""
 	}
 	if n, more, found := strings.Cut(what, ":"); found && n != "" && strings.Trim(n, "0123456789") == "" {
 		rule, what = rule+":"+n, more
 	}
-	if w, ok := aboutNet(what); ok {
+	if w, ok := inTag(what); ok {
 		about = w
 	}
 	return rule, about, rule != ""
@@ -116,7 +123,14 @@ func aboutNet(what string) (netip.Prefix, bool) {
 func parseNet(s string) (netip.Prefix, bool) {
 	if strings.Contains(s, "/") {
 		p, err := netip.ParsePrefix(s)
-		return p.Masked(), err == nil
+		if err != nil {
+			return netip.Prefix{}, false
+		}
+		// An IPv4-mapped network is the IPv4 network, as an address is.
+		if a := p.Addr(); a.Is4In6() && p.Bits() >= 96 {
+			p = netip.PrefixFrom(a.Unmap(), p.Bits()-96)
+		}
+		return p.Masked(), true
 	}
 	a, err := netip.ParseAddr(s)
 	if err != nil {
@@ -136,10 +150,16 @@ func ParseClient(s string) (netip.Prefix, error) {
 	return p, nil
 }
 
+// ipv6Client is the network the rules count one IPv6 client by, unless
+// configured otherwise (ipv6_prefix).
+const ipv6Client = 64
+
 // ForgetClient deletes what FindClient lists for p, except the records
 // about a network wider than p: those hold other clients' history too
 // (client_stats' /24 and /8, a greylisting network), so they are
-// returned as kept, and forgetting that network removes them.
+// returned as kept, and forgetting that network removes them. For an
+// IPv6 address or network narrower than /64, p's /64 counts as the
+// client: the per-client rules key IPv6 clients by it.
 func ForgetClient(ctx context.Context, st Store, p netip.Prefix) (deleted, kept []Record, err error) {
 	p = p.Masked()
 	found, err := FindClient(ctx, st, p)
@@ -149,8 +169,14 @@ func ForgetClient(ctx context.Context, st Store, p netip.Prefix) (deleted, kept 
 	// Delete takes keys of one hash tag at a time (one Cluster slot).
 	byTag := map[string][]string{}
 	var tags []string
+	// The rules count an IPv6 client by its /64 (rules.ClientKey), so
+	// forgetting an IPv6 address forgets its /64's records too.
+	own := p
+	if p.Addr().Is6() && p.Bits() > ipv6Client {
+		own = netip.PrefixFrom(p.Addr(), ipv6Client).Masked()
+	}
 	for _, r := range found {
-		if r.About.Bits() < p.Bits() {
+		if r.About.Bits() < own.Bits() {
 			kept = append(kept, r)
 			continue
 		}

@@ -121,6 +121,12 @@ func adminAuth(token string, next http.Handler) http.Handler {
 		} else if !loopbackPeer(r.RemoteAddr) {
 			writeJSON(w, http.StatusForbidden, adminError{"the admin API answers loopback clients only; set --admin-token-file to allow others"})
 			return
+		} else if !loopbackHost(r.Host) {
+			// A web page in a browser on this host can reach loopback
+			// under a name of its own (DNS rebinding): without a token,
+			// only loopback names are served.
+			writeJSON(w, http.StatusForbidden, adminError{"the admin API answers requests for a loopback host name only; set --admin-token-file to allow others"})
+			return
 		}
 		next.ServeHTTP(w, r)
 	})
@@ -136,6 +142,26 @@ func loopbackPeer(remote string) bool {
 	}
 	return ap.Addr().Unmap().IsLoopback()
 }
+
+// loopbackHost accepts the Host of a request made to a loopback address
+// or name ("127.0.0.1:10042", "[::1]:10042", "localhost"), and the empty
+// or placeholder host of a unix-socket client.
+func loopbackHost(host string) bool {
+	h := host
+	if hh, _, err := net.SplitHostPort(host); err == nil {
+		h = hh
+	}
+	h = strings.Trim(h, "[]")
+	if h == "" || h == "localhost" || h == unixHost {
+		return true
+	}
+	a, err := netip.ParseAddr(h)
+	return err == nil && a.Unmap().IsLoopback()
+}
+
+// unixHost is the host name policyd inspect puts in requests it sends
+// over a unix socket.
+const unixHost = "policyd"
 
 // readToken reads --admin-token-file; an empty or unreadable file is an
 // error rather than an open API.

@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"bytes"
+	"cmp"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -190,17 +191,22 @@ func TestAdminAuth(t *testing.T) {
 	for _, tc := range []struct {
 		name, token, remote, header string
 		want                        int
+		host                        string
 	}{
-		{"loopback without token", "", "127.0.0.1:4000", "", http.StatusOK},
-		{"IPv6 loopback", "", "[::1]:4000", "", http.StatusOK},
-		{"unix socket", "", "@", "", http.StatusOK},
-		{"remote without token", "", "192.0.2.9:4000", "", http.StatusForbidden},
-		{"remote with token", "t0k", "192.0.2.9:4000", "Bearer t0k", http.StatusOK},
-		{"wrong token", "t0k", "127.0.0.1:4000", "Bearer t0K", http.StatusUnauthorized},
-		{"no header", "t0k", "127.0.0.1:4000", "", http.StatusUnauthorized},
-		{"basic auth", "t0k", "127.0.0.1:4000", "Basic dDBr", http.StatusUnauthorized},
+		{"loopback without token", "", "127.0.0.1:4000", "", http.StatusOK, ""},
+		{"IPv6 loopback", "", "[::1]:4000", "", http.StatusOK, "[::1]:10042"},
+		{"localhost", "", "127.0.0.1:4000", "", http.StatusOK, "localhost:10042"},
+		{"unix socket", "", "@", "", http.StatusOK, "policyd"},
+		{"remote without token", "", "192.0.2.9:4000", "", http.StatusForbidden, ""},
+		{"rebound name without token", "", "127.0.0.1:4000", "", http.StatusForbidden, "evil.example:10042"},
+		{"rebound name with token", "t0k", "127.0.0.1:4000", "Bearer t0k", http.StatusOK, "evil.example:10042"},
+		{"remote with token", "t0k", "192.0.2.9:4000", "Bearer t0k", http.StatusOK, ""},
+		{"wrong token", "t0k", "127.0.0.1:4000", "Bearer t0K", http.StatusUnauthorized, ""},
+		{"no header", "t0k", "127.0.0.1:4000", "", http.StatusUnauthorized, ""},
+		{"basic auth", "t0k", "127.0.0.1:4000", "Basic dDBr", http.StatusUnauthorized, ""},
 	} {
 		req := httptest.NewRequest("GET", "/api/v1/clients/192.0.2.1", nil)
+		req.Host = cmp.Or(tc.host, "127.0.0.1:10042")
 		req.RemoteAddr = tc.remote
 		if tc.header != "" {
 			req.Header.Set("Authorization", tc.header)

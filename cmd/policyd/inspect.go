@@ -122,7 +122,7 @@ func adminCall(ctx context.Context, method, addr, client, token string) ([]byte,
 			var d net.Dialer
 			return d.DialContext(ctx, "unix", path)
 		}
-		base = "http://policyd"
+		base = "http://" + unixHost
 	}
 	defer tr.CloseIdleConnections()
 	// The client goes into the path as is: a CIDR's slash is part of the
