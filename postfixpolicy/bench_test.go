@@ -6,6 +6,7 @@ import (
 	"strconv"
 	"testing"
 	"testing/fstest"
+	"time"
 
 	"github.com/policyd-mail/policyd/rules"
 	_ "github.com/policyd-mail/policyd/rules/connection_shaper"
@@ -66,7 +67,7 @@ func BenchmarkRcptRequest(b *testing.B) {
 		if err := rd.read(&req); err != nil {
 			b.Fatal(err)
 		}
-		if act, _ := srv.answer(&req, 1); act != "DUNNO" {
+		if act, _ := answerOne(srv, &req); act != "DUNNO" {
 			b.Fatal(act)
 		}
 	}
@@ -90,6 +91,12 @@ func BenchmarkRcptRequestNewSession(b *testing.B) {
 		if err := rd.read(&req); err != nil {
 			b.Fatal(err)
 		}
-		srv.answer(&req, 1)
+		answerOne(srv, &req)
 	}
+}
+
+// answerOne answers req as serveConn does, on connection 1.
+func answerOne(srv *Server, req *Request) (string, time.Duration) {
+	tg, ok := targetOf(req, 1)
+	return srv.answerFor(req, tg, ok)
 }

@@ -318,13 +318,14 @@ func (s *Server) serveConn(c *conn) {
 			}
 			return
 		}
-		if key, ok := keyOf(&req, c.id); ok && key != last {
+		tg, ok := targetOf(&req, c.id)
+		if ok && tg.key != last {
 			if last != (sessionKey{}) {
 				s.tracker.end(last)
 			}
-			last = key
+			last = tg.key
 		}
-		act, delay := s.answer(&req, c.id)
+		act, delay := s.answerFor(&req, tg, ok)
 		if delay > 0 {
 			if !s.hold(delay) {
 				return
@@ -415,40 +416,23 @@ func (s *Server) hold(d time.Duration) bool {
 }
 
 // answer turns one request into its action and delay.
-func (s *Server) answer(req *Request, connID uint64) (string, time.Duration) {
+// target is what a request is about: its SMTP session and stage.
+type target struct {
+	key  sessionKey
+	addr netip.Addr
+	st   stage
+}
+
+// targetOf reads req's session and stage; false for a request answered
+// DUNNO without a session (answerFor says why).
+func targetOf(req *Request, connID uint64) (target, bool) {
 	st, ok := stageOf(req.ProtocolState)
-	if !ok {
-		s.log.Warn("unknown protocol_state, answering DUNNO", "protocol_state", req.ProtocolState, "client", req.ClientAddress)
-		return "DUNNO", 0
-	}
-	if req.Request != "smtpd_access_policy" {
-		s.log.Warn("not an smtpd_access_policy request, answering DUNNO", "request", req.Request)
-		return "DUNNO", 0
+	if !ok || req.Request != "smtpd_access_policy" {
+		return target{}, false
 	}
 	addr, err := netip.ParseAddr(req.ClientAddress)
 	if err != nil {
-		s.log.Warn("request without a usable client_address, answering DUNNO", "client_address", req.ClientAddress)
-		return "DUNNO", 0
-	}
-	key, _ := keyOf(req, connID)
-	for {
-		ts := s.tracker.get(key, s.cfg.Clock.Now(), func() *rules.Session { return s.newSession(key, req, addr) })
-		o, ok := s.answerLocked(ts, key, req, addr, st)
-		if ok {
-			return action(o.d), o.delay
-		}
-		// Evicted between lookup and lock: start afresh.
-	}
-}
-
-// keyOf is the tracker's key of req's SMTP session; false for a request
-// answered without one.
-func keyOf(req *Request, connID uint64) (sessionKey, bool) {
-	if _, ok := stageOf(req.ProtocolState); !ok || req.Request != "smtpd_access_policy" {
-		return sessionKey{}, false
-	}
-	if _, err := netip.ParseAddr(req.ClientAddress); err != nil {
-		return sessionKey{}, false
+		return target{}, false
 	}
 	key := sessionKey{client: req.ClientAddress, port: req.ClientPort, server: req.ServerAddress, sport: req.ServerPort}
 	if key.port == "" {
@@ -456,7 +440,29 @@ func keyOf(req *Request, connID uint64) (sessionKey, bool) {
 		// stands for one smtpd process, which serves one session at a time.
 		key.port = "conn-" + strconv.FormatUint(connID, 10)
 	}
-	return key, true
+	return target{key: key, addr: addr, st: st}, true
+}
+
+func (s *Server) answerFor(req *Request, tg target, ok bool) (string, time.Duration) {
+	if !ok {
+		switch _, known := stageOf(req.ProtocolState); {
+		case !known:
+			s.log.Warn("unknown protocol_state, answering DUNNO", "protocol_state", req.ProtocolState, "client", req.ClientAddress)
+		case req.Request != "smtpd_access_policy":
+			s.log.Warn("not an smtpd_access_policy request, answering DUNNO", "request", req.Request)
+		default:
+			s.log.Warn("request without a usable client_address, answering DUNNO", "client_address", req.ClientAddress)
+		}
+		return "DUNNO", 0
+	}
+	for {
+		ts := s.tracker.get(tg.key, s.cfg.Clock.Now(), func() *rules.Session { return s.newSession(tg.key, req, tg.addr) })
+		o, ok := s.answerLocked(ts, tg.key, req, tg.addr, tg.st)
+		if ok {
+			return action(o.d), o.delay
+		}
+		// Evicted between lookup and lock: start afresh.
+	}
 }
 
 func (s *Server) newSession(key sessionKey, req *Request, addr netip.Addr) *rules.Session {
