@@ -310,37 +310,11 @@ func TestInvalidClientIsSkipped(t *testing.T) {
 	}
 }
 
-// counting counts store calls per operation.
-type counting struct {
-	store.Store
-	calls map[string]int
-}
-
-func (c *counting) HIncr(ctx context.Context, ttl time.Duration, incs ...store.FieldIncr) error {
-	c.calls["HIncr"]++
-	return c.Store.HIncr(ctx, ttl, incs...)
-}
-
-func (c *counting) HGet(ctx context.Context, keys ...string) ([]map[string]int64, error) {
-	c.calls["HGet"]++
-	return c.Store.HGet(ctx, keys...)
-}
-
-func (c *counting) Incr(ctx context.Context, key string, delta int64, ttl time.Duration) (int64, error) {
-	c.calls["Incr"]++
-	return c.Store.Incr(ctx, key, delta, ttl)
-}
-
-func (c *counting) Get(ctx context.Context, key string) ([]byte, bool, error) {
-	c.calls["Get"]++
-	return c.Store.Get(ctx, key)
-}
-
 func TestOneStoreCallPerEvent(t *testing.T) {
 	clock := rulestest.NewClock()
 	mem := memory.New(memory.Options{Now: clock.Now, SweepInterval: -1})
 	t.Cleanup(func() { _ = mem.Close() })
-	st := &counting{Store: mem, calls: map[string]int{}}
+	st := rulestest.NewCountingStore(mem)
 	fsys := fstest.MapFS{"plugins": {Data: []byte("client_stats\nstub rcpt bad@example.test:DENY\n")}}
 	c, _, err := rules.Load(fsys, "config", rules.Options{Store: st, Clock: clock})
 	if err != nil {
@@ -349,19 +323,19 @@ func TestOneStoreCallPerEvent(t *testing.T) {
 	ctx := context.Background()
 	s := rules.NewSession(c, "test", netip.MustParseAddr("192.0.2.7"), 1, clock.Now())
 	s.Connect(ctx)
-	if st.calls["HGet"] != 1 || len(st.calls) != 1 {
-		t.Fatalf("connect: %v, want one HGet", st.calls)
+	if calls := st.Calls(); calls["HGet"] != 1 || len(calls) != 1 {
+		t.Fatalf("connect: %v, want one HGet", calls)
 	}
 	s.Mail(ctx, rules.MailFrom{})
 	s.Rcpt(ctx, "bad@example.test")
-	if st.calls["HIncr"] != 1 {
-		t.Fatalf("one DENY: %v, want one HIncr", st.calls)
+	if calls := st.Calls(); calls["HIncr"] != 1 {
+		t.Fatalf("one DENY: %v, want one HIncr", calls)
 	}
 	s.Rcpt(ctx, "good@example.test")
 	s.DataPost(ctx)
 	s.End(ctx)
-	if st.calls["HIncr"] != 2 || len(st.calls) != 2 {
-		t.Fatalf("after the message: %v, want two HIncr and one HGet", st.calls)
+	if calls := st.Calls(); calls["HIncr"] != 2 || len(calls) != 2 {
+		t.Fatalf("after the message: %v, want two HIncr and one HGet", calls)
 	}
 }
 

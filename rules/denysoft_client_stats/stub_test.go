@@ -1,42 +1,6 @@
 package denysoftclientstats_test
 
-import (
-	"context"
-	"strings"
+import "github.com/policyd-mail/policyd/rules/rulestest"
 
-	"github.com/policyd-mail/policyd/rules"
-)
-
-// stub is a test-only rule answering what it is told, so the tests can
-// make DENY and friends happen where they want:
-//
-//	stub rcpt bad@example.test:DENY data_post DENYSOFT
-var codes = map[string]rules.Code{
-	"OK": rules.OK, "DENY": rules.Deny, "DENYSOFT": rules.DenySoft,
-	"DENY_DISCONNECT": rules.DenyDisconnect, "DENYSOFT_DISCONNECT": rules.DenySoftDisconnect,
-}
-
-type stub struct {
-	rcpt     map[string]rules.Code
-	dataPost rules.Code
-}
-
-func init() {
-	rules.Register(rules.Definition{Name: "stub", Setup: func(b *rules.Binder, _ rules.Env) (any, error) {
-		s := &stub{rcpt: map[string]rules.Code{}}
-		for _, v := range b.Strings("rcpt") {
-			addr, code, _ := strings.Cut(v, ":")
-			s.rcpt[addr] = codes[code]
-		}
-		s.dataPost = codes[b.String("data_post", "")]
-		return s, nil
-	}})
-}
-
-func (st *stub) Rcpt(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return rules.Decided(st.rcpt[s.Txn.Rcpt], "stub says so"), nil
-}
-
-func (st *stub) DataPost(context.Context, *rules.Session) (rules.Result, error) {
-	return rules.Decided(st.dataPost, "stub says so"), nil
-}
+// The tests make DENY and friends happen with rulestest's stub rule.
+func init() { rulestest.RegisterStub() }

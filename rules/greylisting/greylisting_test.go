@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"testing"
 	"testing/fstest"
 	"time"
@@ -226,32 +225,11 @@ func TestStoredEntry(t *testing.T) {
 	}
 }
 
-// countingStore counts round trips.
-type countingStore struct {
-	store.Store
-	calls atomic.Int64
-}
-
-func (c *countingStore) SetNX(ctx context.Context, k string, v []byte, ttl time.Duration) (bool, []byte, error) {
-	c.calls.Add(1)
-	return c.Store.SetNX(ctx, k, v, ttl)
-}
-
-func (c *countingStore) Set(ctx context.Context, k string, v []byte, ttl time.Duration) error {
-	c.calls.Add(1)
-	return c.Store.Set(ctx, k, v, ttl)
-}
-
-func (c *countingStore) Get(ctx context.Context, k string) ([]byte, bool, error) {
-	c.calls.Add(1)
-	return c.Store.Get(ctx, k)
-}
-
 // One store call per recipient, except on the transitions: confirmation,
 // the periodic refresh of a white entry, and a restart.
 func TestStoreCallsPerRecipient(t *testing.T) {
 	clock := rulestest.NewClock()
-	st := &countingStore{Store: memory.New(memory.Options{Now: clock.Now, SweepInterval: -1})}
+	st := rulestest.NewCountingStore(memory.New(memory.Options{Now: clock.Now, SweepInterval: -1}))
 	defer st.Close()
 	c, _, err := rules.Load(fstest.MapFS{"plugins": {Data: []byte(short)}}, "config", rules.Options{Store: st, Clock: clock})
 	if err != nil {
@@ -272,9 +250,9 @@ func TestStoreCallsPerRecipient(t *testing.T) {
 		s := rules.NewSession(c, "test", addr("192.0.2.1"), 1, clock.Now())
 		s.Connect(ctx)
 		s.Mail(ctx, rules.MailFrom{Sender: sender})
-		before := st.calls.Load()
+		before := st.Total()
 		s.Rcpt(ctx, rcpt)
-		if got := st.calls.Load() - before; got != stp.calls {
+		if got := st.Total() - before; got != stp.calls {
 			t.Errorf("%s: %d store calls, want %d", stp.what, got, stp.calls)
 		}
 	}
