@@ -1,7 +1,6 @@
 package milter_test
 
 import (
-	"bytes"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -12,30 +11,13 @@ import (
 	"net"
 	"runtime"
 	"strings"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/testsync"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/rules/rulestest"
 )
-
-type lockedBuf struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (l *lockedBuf) Write(p []byte) (int, error) {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.Write(p)
-}
-
-func (l *lockedBuf) String() string {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.b.String()
-}
 
 func packet(cmd byte, data []byte) []byte {
 	out := binary.BigEndian.AppendUint32(nil, uint32(len(data)+1))
@@ -47,27 +29,6 @@ func optneg(version, actions, protocol uint32) []byte {
 	d = binary.BigEndian.AppendUint32(d, actions)
 	d = binary.BigEndian.AppendUint32(d, protocol)
 	return packet('O', d)
-}
-
-// hits counts Config.LimitHit calls by limit.
-type hits struct {
-	mu sync.Mutex
-	m  map[string]int
-}
-
-func (h *hits) hit(limit string) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.m == nil {
-		h.m = map[string]int{}
-	}
-	h.m[limit]++
-}
-
-func (h *hits) get(limit string) int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.m[limit]
 }
 
 // macroPacket defines n macros at once.
@@ -106,7 +67,7 @@ func waitOpen(t *testing.T, srv *milter.Server, n int) {
 // from go-milter), counted when it is a limit; other connections keep
 // being served; goroutines come back down.
 func TestBadInputOverSocket(t *testing.T) {
-	var gologs, logs lockedBuf
+	var gologs, logs testsync.Buffer
 	log.SetOutput(&gologs) // go-milter logs through the standard logger
 	defer log.SetOutput(io.Discard)
 	junk := make([]byte, 4096)
@@ -133,14 +94,14 @@ func TestBadInputOverSocket(t *testing.T) {
 		{"absurd negotiate version", optneg(0xffffffff, 0xffffffff, 0xffffffff), false, "milter version 4294967295", ""},
 		{"short negotiate", packet('O', []byte{0, 0, 0, 6}), false, "short option negotiation", ""},
 	}
-	var counted hits
+	var counted testsync.Counter
 	h := rulestest.New(t, "connection_shaper threshold 1000", nil)
-	srv, addr := serve(t, h, milter.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), LogEvery: -1, LimitHit: counted.hit})
+	srv, addr := serve(t, h, milter.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), LogEvery: -1, LimitHit: counted.Add})
 	baseline := runtime.NumGoroutine()
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			before := strings.Count(logs.String(), "\n")
-			hitsBefore := counted.get(tc.limit)
+			hitsBefore := counted.Get(tc.limit)
 			bad, err := net.Dial("tcp", addr)
 			if err != nil {
 				t.Fatal(err)
@@ -161,8 +122,8 @@ func TestBadInputOverSocket(t *testing.T) {
 			if len(lines) != 1 || !strings.Contains(lines[0], "milter connection dropped") || !strings.Contains(lines[0], tc.logs) {
 				t.Fatalf("want one log line with %q, got %q", tc.logs, lines)
 			}
-			if tc.limit != "" && counted.get(tc.limit) != hitsBefore+1 {
-				t.Fatalf("limit %s counted %d times, want 1", tc.limit, counted.get(tc.limit)-hitsBefore)
+			if tc.limit != "" && counted.Get(tc.limit) != hitsBefore+1 {
+				t.Fatalf("limit %s counted %d times, want 1", tc.limit, counted.Get(tc.limit)-hitsBefore)
 			}
 			if g := gologs.String(); g != "" {
 				t.Fatalf("go-milter logged on its own: %q", g)
@@ -233,16 +194,16 @@ func TestLimits(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			var logs lockedBuf
-			var counted hits
+			var logs testsync.Buffer
+			var counted testsync.Counter
 			cfg := tc.cfg
 			cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
-			cfg.LimitHit = counted.hit
+			cfg.LimitHit = counted.Add
 			h := rulestest.New(t, "connection_shaper threshold 1000", nil)
 			srv, addr := serve(t, h, cfg)
 			tc.run(t, srv, addr)
 			waitOpen(t, srv, 0)
-			if n := counted.get(tc.limit); n != 1 {
+			if n := counted.Get(tc.limit); n != 1 {
 				t.Errorf("limit %s counted %d times, want 1", tc.limit, n)
 			}
 			if !strings.Contains(logs.String(), tc.logs) || !strings.Contains(logs.String(), "limit=") {
@@ -255,10 +216,10 @@ func TestLimits(t *testing.T) {
 // The lines about dropped connections come at a bounded rate, with the
 // number held back; every drop is still counted.
 func TestDropLogRateLimited(t *testing.T) {
-	var logs lockedBuf
-	var counted hits
+	var logs testsync.Buffer
+	var counted testsync.Counter
 	h := rulestest.New(t, "connection_shaper threshold 1000", nil)
-	srv, addr := serve(t, h, milter.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), LogEvery: time.Hour, LimitHit: counted.hit})
+	srv, addr := serve(t, h, milter.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), LogEvery: time.Hour, LimitHit: counted.Add})
 	for range 5 {
 		c := dialT(t, addr)
 		c.Write([]byte{0xff, 0xff, 0xff, 0xff})
@@ -268,7 +229,7 @@ func TestDropLogRateLimited(t *testing.T) {
 	if n := strings.Count(logs.String(), "milter connection dropped"); n != 1 {
 		t.Fatalf("%d lines for 5 drops within the interval:\n%s", n, logs.String())
 	}
-	if n := counted.get(milter.LimitPacketSize); n != 5 {
+	if n := counted.Get(milter.LimitPacketSize); n != 5 {
 		t.Fatalf("%d hits counted, want 5", n)
 	}
 }

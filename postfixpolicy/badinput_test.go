@@ -10,31 +10,14 @@ import (
 	"runtime"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/testsync"
 	"github.com/policyd-mail/policyd/postfixpolicy"
 	"github.com/policyd-mail/policyd/rules/rulestest"
 )
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
 
 // Each hostile input gets a log line and a closed connection, while a
 // correct request on another connection is answered meanwhile.
@@ -74,15 +57,15 @@ func TestBadInputOverSocket(t *testing.T) {
 		{"NUL in a name", func(w io.Writer) { io.WriteString(w, "request=smtpd_access_policy\nclient\x00address=1.2.3.4\n\n") }, false, "malformed attribute line", ""},
 		{"EOF before the empty line", func(w io.Writer) { io.WriteString(w, "request=smtpd_access_policy\nprotocol_state=RCPT\n") }, true, "connection closed inside a request", ""},
 	}
-	var logs syncBuffer
-	var counted hits
+	var logs testsync.Buffer
+	var counted testsync.Counter
 	h := rulestest.New(t, "connection_shaper threshold 100", nil)
-	_, addr := start(t, h, postfixpolicy.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), LogEvery: -1, LimitHit: counted.hit})
+	_, addr := start(t, h, postfixpolicy.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), LogEvery: -1, LimitHit: counted.Add})
 	good := dial(t, addr)
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			before := strings.Count(logs.String(), "policy connection dropped")
-			hitsBefore := counted.get(tc.limit)
+			hitsBefore := counted.Get(tc.limit)
 			bad, err := net.Dial("tcp", addr)
 			if err != nil {
 				t.Fatal(err)
@@ -118,32 +101,11 @@ func TestBadInputOverSocket(t *testing.T) {
 			if !strings.Contains(logs.String(), tc.logs) {
 				t.Fatalf("log lacks %q:\n%s", tc.logs, logs.String())
 			}
-			if tc.limit != "" && counted.get(tc.limit) != hitsBefore+1 {
-				t.Fatalf("limit %s counted %d times, want 1", tc.limit, counted.get(tc.limit)-hitsBefore)
+			if tc.limit != "" && counted.Get(tc.limit) != hitsBefore+1 {
+				t.Fatalf("limit %s counted %d times, want 1", tc.limit, counted.Get(tc.limit)-hitsBefore)
 			}
 		})
 	}
-}
-
-// hits counts Config.LimitHit calls by limit.
-type hits struct {
-	mu sync.Mutex
-	m  map[string]int
-}
-
-func (h *hits) hit(limit string) {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.m == nil {
-		h.m = map[string]int{}
-	}
-	h.m[limit]++
-}
-
-func (h *hits) get(limit string) int {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.m[limit]
 }
 
 // waitClosed fails unless the server closes c within 10s without a reply.
@@ -257,11 +219,11 @@ func TestLimits(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			var logs syncBuffer
-			var counted hits
+			var logs testsync.Buffer
+			var counted testsync.Counter
 			cfg := tc.cfg
 			cfg.Logger = slog.New(slog.NewTextHandler(&logs, nil))
-			cfg.LimitHit = counted.hit
+			cfg.LimitHit = counted.Add
 			h := rulestest.New(t, "connection_shaper threshold 1000", nil)
 			_, addr := start(t, h, cfg)
 			tc.run(t, addr)
@@ -275,7 +237,7 @@ func TestLimits(t *testing.T) {
 				t.Fatalf("log lacks %q:\n%s", tc.logs, logs.String())
 			}
 			// Retries for the freed connection slot may be refused too.
-			if n := counted.get(tc.limit); n != 1 && (tc.limit != postfixpolicy.LimitConns || n < 1) {
+			if n := counted.Get(tc.limit); n != 1 && (tc.limit != postfixpolicy.LimitConns || n < 1) {
 				t.Fatalf("limit %s counted %d times, want 1\n%s", tc.limit, n, logs.String())
 			}
 		})
@@ -285,21 +247,21 @@ func TestLimits(t *testing.T) {
 // The lines about dropped connections come at a bounded rate, with the
 // number held back; every drop is still counted.
 func TestDropLogRateLimited(t *testing.T) {
-	var logs syncBuffer
-	var counted hits
+	var logs testsync.Buffer
+	var counted testsync.Counter
 	h := rulestest.New(t, "connection_shaper threshold 1000", nil)
 	_, addr := start(t, h, postfixpolicy.Config{Logger: slog.New(slog.NewTextHandler(&logs, nil)), LogEvery: time.Hour,
-		LimitHit: counted.hit, Limits: postfixpolicy.Limits{MaxAttrs: 1}})
+		LimitHit: counted.Add, Limits: postfixpolicy.Limits{MaxAttrs: 1}})
 	for range 5 {
 		c := dial(t, addr)
 		io.WriteString(c.c, "request=smtpd_access_policy\na=1\n\n")
 		waitClosed(t, c.c)
 	}
 	deadline := time.Now().Add(10 * time.Second)
-	for counted.get(postfixpolicy.LimitAttributes) < 5 && time.Now().Before(deadline) {
+	for counted.Get(postfixpolicy.LimitAttributes) < 5 && time.Now().Before(deadline) {
 		runtime.Gosched()
 	}
-	if n := counted.get(postfixpolicy.LimitAttributes); n != 5 {
+	if n := counted.Get(postfixpolicy.LimitAttributes); n != 5 {
 		t.Fatalf("%d hits counted, want 5", n)
 	}
 	if n := strings.Count(logs.String(), "policy connection dropped"); n != 1 {

@@ -18,7 +18,6 @@
 package testmta
 
 import (
-	"bytes"
 	"errors"
 	"fmt"
 	"net"
@@ -32,6 +31,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/policyd-mail/policyd/internal/testsync"
 )
 
 // Options configures a private Postfix instance.
@@ -59,8 +60,8 @@ type Postfix struct {
 	maillog string
 
 	cmd    *exec.Cmd
-	done   chan struct{} // closed when the master has exited
-	output *syncBuffer   // master's stdout and stderr
+	done   chan struct{}    // closed when the master has exited
+	output *testsync.Buffer // master's stdout and stderr
 
 	stopOnce sync.Once
 }
@@ -241,7 +242,7 @@ func start(t testing.TB, master string, owner ids, o Options) (*Postfix, error) 
 		addr:    net.JoinHostPort("127.0.0.1", strconv.Itoa(port)),
 		maillog: filepath.Join(dir, "maillog"),
 		done:    make(chan struct{}),
-		output:  &syncBuffer{},
+		output:  &testsync.Buffer{},
 	}
 	if err := p.layout(owner, port, o); err != nil {
 		return nil, err
@@ -269,9 +270,9 @@ func start(t testing.TB, master string, owner ids, o Options) (*Postfix, error) 
 	// removed.
 	t.Cleanup(func() {
 		if t.Failed() {
-			t.Logf("testmta: tail of Postfix maillog %s:\n%s", p.maillog, tail(p.Maillog(), 60))
+			t.Logf("testmta: tail of Postfix maillog %s:\n%s", p.maillog, testsync.Tail(p.Maillog(), 60))
 			if out := p.output.String(); out != "" {
-				t.Logf("testmta: Postfix master output:\n%s", tail(out, 30))
+				t.Logf("testmta: Postfix master output:\n%s", testsync.Tail(out, 30))
 			}
 		}
 		p.Stop()
@@ -283,7 +284,7 @@ func start(t testing.TB, master string, owner ids, o Options) (*Postfix, error) 
 		if strings.Contains(log, "Address already in use") {
 			return nil, fmt.Errorf("%w: %v", errAddrInUse, err)
 		}
-		return nil, fmt.Errorf("%v\nmaster output:\n%s\nmaillog tail:\n%s", err, tail(p.output.String(), 30), tail(p.Maillog(), 40))
+		return nil, fmt.Errorf("%v\nmaster output:\n%s\nmaillog tail:\n%s", err, testsync.Tail(p.output.String(), 30), testsync.Tail(p.Maillog(), 40))
 	}
 	return p, nil
 }
@@ -574,29 +575,4 @@ func (p *Postfix) Stop() {
 			}
 		}
 	})
-}
-
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
 }

@@ -22,6 +22,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/policyd-mail/policyd/internal/testsync"
 )
 
 // SendmailRootEnv names the environment variable that, when set, points at
@@ -56,8 +58,8 @@ type Sendmail struct {
 	mc   string
 
 	cmd    *exec.Cmd
-	done   chan struct{} // closed when the daemon has exited
-	output *syncBuffer   // the daemon's stdout and stderr
+	done   chan struct{}    // closed when the daemon has exited
+	output *testsync.Buffer // the daemon's stdout and stderr
 
 	stopOnce sync.Once
 }
@@ -198,7 +200,7 @@ func startSendmail(t testing.TB, tree sendmailTree, o SendmailOptions) (*Sendmai
 		dir:    dir,
 		addr:   net.JoinHostPort("127.0.0.1", strconv.Itoa(port)),
 		done:   make(chan struct{}),
-		output: &syncBuffer{},
+		output: &testsync.Buffer{},
 	}
 	s.mc, err = sendmailMC(dir, port, o)
 	if err != nil {
@@ -243,7 +245,7 @@ func startSendmail(t testing.TB, tree sendmailTree, o SendmailOptions) (*Sendmai
 	t.Cleanup(func() {
 		if t.Failed() {
 			if out := s.output.String(); out != "" {
-				t.Logf("testmta: Sendmail output:\n%s", tail(out, 30))
+				t.Logf("testmta: Sendmail output:\n%s", testsync.Tail(out, 30))
 			}
 		}
 		s.Stop()
@@ -255,7 +257,7 @@ func startSendmail(t testing.TB, tree sendmailTree, o SendmailOptions) (*Sendmai
 		if strings.Contains(out, "Address already in use") {
 			return nil, fmt.Errorf("%w: %v", errAddrInUse, err)
 		}
-		return nil, fmt.Errorf("%v\nSendmail output:\n%s", err, tail(out, 30))
+		return nil, fmt.Errorf("%v\nSendmail output:\n%s", err, testsync.Tail(out, 30))
 	}
 	return s, nil
 }

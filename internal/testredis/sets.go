@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/policyd-mail/policyd/internal/testsync"
 )
 
 // How long a Sentinel set or a Cluster may take to form.
@@ -55,7 +57,7 @@ func StartSentinel(t testing.TB) *Sentinel {
 			return f["name"] == r.Addr() && f["flags"] == "slave" && f["master-link-status"] == "ok"
 		})
 		if !ok {
-			t.Fatalf("testredis: sentinel %s never learnt master %s and replica %s:\n%s", s.Addr(), m.Addr(), r.Addr(), tail(s.Output(), 20))
+			t.Fatalf("testredis: sentinel %s never learnt master %s and replica %s:\n%s", s.Addr(), m.Addr(), r.Addr(), testsync.Tail(s.Output(), 20))
 		}
 	}
 	return set

@@ -24,6 +24,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/policyd-mail/policyd/internal/testsync"
 )
 
 // How long a server may take to answer PING after start, and to exit
@@ -47,7 +49,7 @@ type Server struct {
 	mu     sync.Mutex
 	cmd    *exec.Cmd
 	done   chan struct{}
-	output *syncBuffer
+	output *testsync.Buffer
 }
 
 // binary finds redis-server or fails the test.
@@ -132,7 +134,7 @@ func (s *Server) run() error {
 	}
 	cmd := exec.Command(s.bin, args...)
 	cmd.Dir = s.dir
-	out := &syncBuffer{}
+	out := &testsync.Buffer{}
 	cmd.Stdout, cmd.Stderr = out, out
 	cmd.SysProcAttr = sysProcAttr()
 	if err := cmd.Start(); err != nil {
@@ -151,7 +153,7 @@ func (s *Server) run() error {
 	for {
 		select {
 		case <-done:
-			return fmt.Errorf("redis-server on port %d exited at start:\n%s", s.port, tail(out.String(), 20))
+			return fmt.Errorf("redis-server on port %d exited at start:\n%s", s.port, testsync.Tail(out.String(), 20))
 		default:
 		}
 		if reply, err := s.Do("PING"); err == nil && reply == "PONG" {
@@ -159,7 +161,7 @@ func (s *Server) run() error {
 		}
 		if time.Now().After(deadline) {
 			s.kill()
-			return fmt.Errorf("redis-server on port %d did not answer PING within %v:\n%s", s.port, readyTimeout, tail(out.String(), 20))
+			return fmt.Errorf("redis-server on port %d did not answer PING within %v:\n%s", s.port, readyTimeout, testsync.Tail(out.String(), 20))
 		}
 		time.Sleep(10 * time.Millisecond)
 	}
@@ -365,29 +367,4 @@ func waitFor(timeout time.Duration, cond func() bool) bool {
 		time.Sleep(20 * time.Millisecond)
 	}
 	return true
-}
-
-type syncBuffer struct {
-	mu sync.Mutex
-	b  bytes.Buffer
-}
-
-func (s *syncBuffer) Write(p []byte) (int, error) {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.Write(p)
-}
-
-func (s *syncBuffer) String() string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return s.b.String()
-}
-
-func tail(s string, n int) string {
-	lines := strings.Split(strings.TrimRight(s, "\n"), "\n")
-	if len(lines) > n {
-		lines = lines[len(lines)-n:]
-	}
-	return strings.Join(lines, "\n")
 }
