@@ -4,10 +4,10 @@ import (
 	"net"
 	"testing"
 	"testing/fstest"
-	"time"
 
 	gomilter "github.com/emersion/go-milter"
 
+	"github.com/policyd-mail/policyd/internal/frontendtest"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/store/memory"
@@ -23,15 +23,7 @@ func (noop) Body(*gomilter.Modifier) (gomilter.Response, error) { return gomilte
 // connection: negotiate, connect, helo, mail, rcpt, end of headers, end of
 // message, quit.
 func fullSession(b *testing.B, addr string, ip string) {
-	c := gomilter.NewClientWithOptions("tcp", addr, gomilter.ClientOptions{
-		Dialer:      &net.Dialer{Timeout: 5 * time.Second},
-		ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second,
-		ActionMask: gomilter.OptAddHeader,
-	})
-	s, err := c.Session()
-	if err != nil {
-		b.Fatal(err)
-	}
+	s := frontendtest.MTA(b, addr)
 	s.Macros(gomilter.CodeConn, "j", "mx.example.test", "{daemon_name}", "smtpd", "{daemon_addr}", "192.0.2.1", "v", "Postfix 3.7.11")
 	if _, err := s.Conn("client.example.org", gomilter.FamilyInet, 40000, ip); err != nil {
 		b.Fatal(err)

@@ -11,6 +11,7 @@ import (
 
 	gomilter "github.com/emersion/go-milter"
 
+	"github.com/policyd-mail/policyd/internal/frontendtest"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/rules"
 	_ "github.com/policyd-mail/policyd/rules/all"
@@ -154,16 +155,7 @@ func serve(t *testing.T, h *rulestest.Harness, cfg milter.Config) (*milter.Serve
 // must offer no more than protocol v2's masks to talk to a v2 server.
 func mta(t *testing.T, addr string) *gomilter.ClientSession {
 	t.Helper()
-	c := gomilter.NewClientWithOptions("tcp", addr, gomilter.ClientOptions{
-		Dialer:      &net.Dialer{Timeout: 5 * time.Second},
-		ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second,
-		ActionMask: gomilter.OptAddHeader, ProtocolMask: 0,
-	})
-	s, err := c.Session()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
+	return frontendtest.MTA(t, addr)
 }
 
 func reply(a *gomilter.Action, err error) string {

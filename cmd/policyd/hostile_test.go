@@ -25,6 +25,7 @@ import (
 
 	gomilter "github.com/emersion/go-milter"
 
+	"github.com/policyd-mail/policyd/internal/frontendtest"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/postfixpolicy"
 )
@@ -116,15 +117,7 @@ func droppedByDaemon(t testing.TB, c net.Conn) []byte {
 // 10s timeouts.
 func milterSession(t testing.TB, addr, ip string) {
 	t.Helper()
-	cl := gomilter.NewClientWithOptions("tcp", addr, gomilter.ClientOptions{
-		Dialer:      &net.Dialer{Timeout: 10 * time.Second},
-		ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second,
-		ActionMask: gomilter.OptAddHeader, ProtocolMask: 0,
-	})
-	s, err := cl.Session()
-	if err != nil {
-		t.Fatalf("milter negotiation: %v", err)
-	}
+	s := frontendtest.MTA(t, addr)
 	defer s.Close()
 	step := func(name string, a *gomilter.Action, err error) {
 		t.Helper()

@@ -11,20 +11,13 @@ import (
 	"time"
 
 	gomilter "github.com/emersion/go-milter"
+
+	"github.com/policyd-mail/policyd/internal/frontendtest"
 )
 
 func milterMTA(t *testing.T, addr string) *gomilter.ClientSession {
 	t.Helper()
-	c := gomilter.NewClientWithOptions("tcp", addr, gomilter.ClientOptions{
-		Dialer:      &net.Dialer{Timeout: 5 * time.Second},
-		ReadTimeout: 20 * time.Second, WriteTimeout: 10 * time.Second,
-		ActionMask: gomilter.OptAddHeader,
-	})
-	s, err := c.Session()
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s
+	return frontendtest.MTA(t, addr)
 }
 
 func wantContinue(t *testing.T, step string, a *gomilter.Action, err error) {

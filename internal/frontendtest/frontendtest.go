@@ -203,7 +203,10 @@ func MilterWith(t *testing.T, plugins string, files map[string]string, sessions 
 	return out
 }
 
-func milterSession(t *testing.T, addr string, s Session, i int) Outcome {
+// MTA opens a milter session to addr as an MTA would, with go-milter's
+// client: the actions and protocol steps a v2 server accepts, and every
+// read and write bounded so a stuck server fails the test.
+func MTA(t testing.TB, addr string) *gomilter.ClientSession {
 	t.Helper()
 	cl := gomilter.NewClientWithOptions("tcp", addr, gomilter.ClientOptions{
 		Dialer:      &net.Dialer{Timeout: 5 * time.Second},
@@ -212,8 +215,14 @@ func milterSession(t *testing.T, addr string, s Session, i int) Outcome {
 	})
 	ms, err := cl.Session()
 	if err != nil {
-		t.Fatal(err)
+		t.Fatalf("milter session with %s: %v", addr, err)
 	}
+	return ms
+}
+
+func milterSession(t *testing.T, addr string, s Session, i int) Outcome {
+	t.Helper()
+	ms := MTA(t, addr)
 	defer ms.Close()
 	reply := func(a *gomilter.Action, err error) string {
 		t.Helper()

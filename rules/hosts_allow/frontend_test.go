@@ -37,14 +37,7 @@ func TestOverlappingMilterConnections(t *testing.T) {
 	})
 	open := func(ip string, port uint16) (*gomilter.ClientSession, string) {
 		t.Helper()
-		cl := gomilter.NewClientWithOptions("tcp", ln.Addr().String(), gomilter.ClientOptions{
-			Dialer:      &net.Dialer{Timeout: 5 * time.Second},
-			ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second,
-		})
-		ms, err := cl.Session()
-		if err != nil {
-			t.Fatal(err)
-		}
+		ms := frontendtest.MTA(t, ln.Addr().String())
 		a, err := ms.Conn("client.example", gomilter.FamilyInet, port, ip)
 		if err != nil {
 			t.Fatalf("connect from %s: %v", ip, err)

@@ -102,14 +102,7 @@ func TestDelaysMeasuredOverMilter(t *testing.T) {
 	go srv.Serve(ln)
 	t.Cleanup(func() { srv.Shutdown(context.Background()) })
 	for i, m := range measured {
-		cl := gomilter.NewClientWithOptions("tcp", ln.Addr().String(), gomilter.ClientOptions{
-			Dialer:      &net.Dialer{Timeout: 5 * time.Second},
-			ReadTimeout: 10 * time.Second, WriteTimeout: 10 * time.Second,
-		})
-		ms, err := cl.Session()
-		if err != nil {
-			t.Fatal(err)
-		}
+		ms := frontendtest.MTA(t, ln.Addr().String())
 		steps := []func() (*gomilter.Action, error){
 			func() (*gomilter.Action, error) {
 				return ms.Conn("client.example", gomilter.FamilyInet, uint16(30000+i), m.ip)
