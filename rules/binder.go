@@ -144,6 +144,15 @@ func (b *Binder) Int(key string, def, min, max int64) (v int64) {
 	return n
 }
 
+// IPv6Prefix binds ipv6_prefix: the network an IPv6 client is counted
+// by (ClientKey), the same setting for every rule that counts clients.
+func (b *Binder) IPv6Prefix() int {
+	return int(b.Int("ipv6_prefix", DefaultIPv6Prefix, 16, 128))
+}
+
+// DefaultIPv6Prefix is ipv6_prefix's default: one host usually owns a /64.
+const DefaultIPv6Prefix = 64
+
 // Duration binds a duration. A bare number is seconds, as in the qpsmtpd
 // seeds ("exptime 60"); Go forms ("90s", "12h") work too.
 func (b *Binder) Duration(key string, def, min, max time.Duration) (v time.Duration) {

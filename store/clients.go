@@ -151,7 +151,8 @@ func ParseClient(s string) (netip.Prefix, error) {
 }
 
 // ipv6Client is the network the rules count one IPv6 client by, unless
-// configured otherwise (ipv6_prefix).
+// configured otherwise (ipv6_prefix; rules.DefaultIPv6Prefix, which the
+// store cannot import).
 const ipv6Client = 64
 
 // ForgetClient deletes what FindClient lists for p, except the records

@@ -36,7 +36,7 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		exptime:   b.Duration("exptime", 60*time.Second, time.Second, 7*24*time.Hour),
 		threshold: b.Int("threshold", 10, 1, 1<<31),
 		whitelist: b.Prefixes("whitelist"),
-		v6bits:    int(b.Int("ipv6_prefix", 64, 16, 128)),
+		v6bits:    b.IPv6Prefix(),
 	}
 	b.Obsolete("memcached_server", "counters live in policyd's store (--store)")
 	b.Obsolete("memcached_port", "counters live in policyd's store (--store)")

@@ -73,7 +73,7 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		threshold: b.Int("threshold", 5, 1, 1<<31),
 		reset:     b.Duration("reset", 8*time.Hour, time.Second, 365*24*time.Hour),
 		window:    b.Duration("window", 12*time.Hour, time.Second, 365*24*time.Hour),
-		v6bits:    int(b.Int("ipv6_prefix", 64, 16, 128)),
+		v6bits:    b.IPv6Prefix(),
 	}
 	b.Obsolete("file", "offender records live in policyd's store (--store)")
 	return o, nil

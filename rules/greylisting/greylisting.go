@@ -65,7 +65,7 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		sender:   b.Bool("sender", true),
 		rcpt:     b.Bool("recipient", true),
 		v4bits:   int(b.Int("ipv4_prefix", 24, 8, 32)),
-		v6bits:   int(b.Int("ipv6_prefix", 64, 16, 128)),
+		v6bits:   b.IPv6Prefix(),
 	}
 	switch m := b.String("mode", "denysoft"); m {
 	case "denysoft":

@@ -67,7 +67,7 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		log:       env.Logger,
 		max:       b.Int("max_conn_ip", 5, 0, 1<<31),
 		lease:     b.Duration("lease", 10*time.Minute, 10*time.Second, 24*time.Hour),
-		v6bits:    int(b.Int("ipv6_prefix", 64, 16, 128)),
+		v6bits:    b.IPv6Prefix(),
 		whitelist: b.Prefixes("whitelist"),
 		note:      env.Name + ":slot",
 	}

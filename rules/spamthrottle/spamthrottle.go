@@ -43,7 +43,7 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		store:  env.Store,
 		clock:  env.Clock,
 		log:    env.Logger,
-		v6bits: int(b.Int("ipv6_prefix", 64, 16, 128)),
+		v6bits: b.IPv6Prefix(),
 		note:   env.Name + ":pending",
 	}
 	base := params{
