@@ -141,6 +141,31 @@ func (r *Registry) SessionsOpen(protocol string, f func() int) {
 	}, func() float64 { return float64(f()) }))
 }
 
+// StoreSize exports f, read at every scrape, as the embedded store's
+// policyd_store_records and policyd_store_bytes{part}.
+func (r *Registry) StoreSize(f func() (records, index, recordBytes, dead int)) {
+	r.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Namespace: Namespace, Name: "store_records",
+		Help: "Records the embedded store holds, expired ones not yet reclaimed included.",
+	}, func() float64 { n, _, _, _ := f(); return float64(n) }))
+	for _, part := range []string{"index", "records", "dead"} {
+		r.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+			Namespace: Namespace, Name: "store_bytes",
+			Help:        "Memory the embedded store's table uses, outside the Go heap: the hash index, the records, and the dead records among them that compaction will reclaim.",
+			ConstLabels: prometheus.Labels{"part": part},
+		}, func() float64 {
+			_, index, recs, dead := f()
+			switch part {
+			case "index":
+				return float64(index)
+			case "records":
+				return float64(recs)
+			}
+			return float64(dead)
+		}))
+	}
+}
+
 // LimitHits returns what a front-end calls when a client hits one of its
 // limits, counted in policyd_limit_hits_total{protocol,limit}. Every
 // limit named is shown at zero from the start, so an alert on an increase

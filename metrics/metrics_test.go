@@ -34,6 +34,7 @@ func exercised(t *testing.T) *Registry {
 	r.SessionsOpen("milter", func() int { return 0 })
 	r.LimitHits("policy", "line_length", "connections")("line_length")
 	r.LimitHits("milter", "packet_size")
+	r.StoreSize(func() (int, int, int, int) { return 7, 2048, 280, 40 })
 	st := InstrumentStore(memory.New(memory.Options{}), r)
 	if _, err := st.Incr(context.Background(), store.Key("192.0.2.1", "connection_shaper", "sessions"), 1, time.Minute); err != nil {
 		t.Fatal(err)
@@ -81,6 +82,8 @@ func TestNamesAndLabels(t *testing.T) {
 		"policyd_panics_total":           {"rule"},
 		"policyd_limit_hits_total":       {"limit", "protocol"},
 		"policyd_build_info":             {"goversion", "version"},
+		"policyd_store_records":          nil,
+		"policyd_store_bytes":            {"part"},
 		"go_goroutines":                  nil,
 		"process_cpu_seconds_total":      nil,
 	}
@@ -141,6 +144,10 @@ func TestValues(t *testing.T) {
 		`policyd_limit_hits_total{limit="line_length",protocol="policy"} 1`,
 		`policyd_limit_hits_total{limit="connections",protocol="policy"} 0`,
 		`policyd_limit_hits_total{limit="packet_size",protocol="milter"} 0`,
+		`policyd_store_records 7`,
+		`policyd_store_bytes{part="index"} 2048`,
+		`policyd_store_bytes{part="records"} 280`,
+		`policyd_store_bytes{part="dead"} 40`,
 	} {
 		if !strings.Contains(string(body), "\n"+line+"\n") {
 			t.Errorf("/metrics lacks\n  %s", line)

@@ -138,6 +138,12 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	}
 	m := metrics.New(metrics.BuildInfo{Version: buildVersion(), GoVersion: runtime.Version()})
 	st := metrics.InstrumentStore(raw, m)
+	if mem, ok := raw.(*memory.Store); ok {
+		m.StoreSize(func() (int, int, int, int) {
+			s := mem.Stats()
+			return s.Records, s.IndexBytes, s.RecordBytes, s.DeadBytes
+		})
+	}
 	d := &daemon{o: o, log: log, store: st, rawStore: raw, adminToken: token, metrics: m, fronts: map[string]frontEnd{}}
 	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m}
 	c, err := d.load()

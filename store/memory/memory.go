@@ -23,11 +23,6 @@ import (
 const (
 	defaultShards        = 64
 	defaultSweepInterval = time.Second
-
-	// shrinkMin keeps the sweeper from rebuilding small maps: Go maps never
-	// give back buckets on delete, so after a burst (a spam run touching
-	// thousands of clients) a shard would otherwise hold its peak size forever.
-	shrinkMin = 1024
 )
 
 // ErrNotInteger is returned (wrapped) by Incr when the key holds a value that
@@ -73,15 +68,14 @@ type Options struct {
 	Logger *slog.Logger
 }
 
-// entry is one key's value. A counter is kept as an int64 so Incr on an
-// existing key needs no parsing or allocation; it is turned into text only
-// when read.
-// An entry is 40 bytes: with a million clients in the store, every word
-// counts (see fields.go).
+// entry is one key's value as the operations see it; the table stores it
+// packed (table.go). A counter is kept as an integer so Incr on an
+// existing key needs no parsing or allocation; it is turned into text
+// only when read.
 type entry struct {
 	// val is the bytes of a kindBytes value, or the packed fields of a
-	// hash (member -> lease expiry in unix ms for kindLeases). Strings
-	// are immutable, so readers may use one outside the lock.
+	// hash (member -> lease expiry in unix ms for kindLeases); the
+	// entry's own copy.
 	val     string
 	n       int64
 	expires int64 // unix nanoseconds; 0 means no expiry
@@ -105,10 +99,10 @@ func (e *entry) expired(now int64) bool {
 }
 
 type shard struct {
-	mu   sync.Mutex
-	m    map[string]entry // nil once the Store is closed
-	peak int              // largest len(m) since m was last allocated
-	j    *journal         // nil without persistence
+	mu     sync.Mutex
+	t      table
+	closed bool     // set, under mu, once the Store has closed
+	j      *journal // nil without persistence
 	// The pad keeps neighbouring shards' locks off one cache line, so
 	// sessions hitting different shards do not contend through false sharing.
 	_ [64]byte
@@ -188,8 +182,9 @@ func newStore(opts Options) *Store {
 	if s.now == nil {
 		s.now = time.Now
 	}
+	codec := newKeyCodec()
 	for i := range s.shards {
-		s.shards[i].m = make(map[string]entry)
+		s.shards[i].t = table{codec: codec, seed: s.seed}
 	}
 	s.interval = opts.SweepInterval
 	if s.interval == 0 {
@@ -251,7 +246,7 @@ func (sh *shard) incr(closed *atomic.Bool, key string, delta, now int64, ttl tim
 	if closed.Load() {
 		return 0, errClosed
 	}
-	e, ok := sh.m[key]
+	e, ok := sh.t.get(key)
 	switch {
 	case !ok || e.expired(now):
 		e = entry{kind: kindInt, expires: deadline(now, ttl)}
@@ -269,12 +264,8 @@ func (sh *shard) incr(closed *atomic.Bool, key string, delta, now int64, ttl tim
 		return 0, ErrOverflow
 	}
 	e.n = sum
-	sh.m[key] = e
-	if sh.j != nil {
-		sh.j.put(key, e)
-	}
-	if len(sh.m) > sh.peak {
-		sh.peak = len(sh.m)
+	if err := sh.set(key, e); err != nil {
+		return 0, err
 	}
 	return sum, nil
 }
@@ -291,12 +282,9 @@ func (s *Store) Get(ctx context.Context, key string) ([]byte, bool, error) {
 		sh.mu.Unlock()
 		return nil, false, fmt.Errorf("memory get %s: %w", key, errClosed)
 	}
-	e, ok := sh.m[key]
-	if ok && e.expired(now) {
-		// Reclaim now rather than wait for the sweeper: we hold the lock anyway.
-		delete(sh.m, key)
-		ok = false
-	}
+	// An expired entry is reclaimed now rather than by the sweeper: we
+	// hold the lock anyway.
+	e, ok := sh.live(key, now)
 	sh.mu.Unlock()
 	if !ok {
 		return nil, false, nil
@@ -324,13 +312,8 @@ func (s *Store) Set(ctx context.Context, key string, value []byte, ttl time.Dura
 	if s.closed.Load() {
 		return fmt.Errorf("memory set %s: %w", key, errClosed)
 	}
-	e := entry{val: v, expires: deadline(now, ttl)}
-	sh.m[key] = e
-	if sh.j != nil {
-		sh.j.put(key, e)
-	}
-	if len(sh.m) > sh.peak {
-		sh.peak = len(sh.m)
+	if err := sh.set(key, entry{val: v, expires: deadline(now, ttl)}); err != nil {
+		return fmt.Errorf("memory set %s: %w", key, err)
 	}
 	return nil
 }
@@ -347,10 +330,7 @@ func (s *Store) Delete(ctx context.Context, keys ...string) error {
 			sh.mu.Unlock()
 			return fmt.Errorf("memory delete %s: %w", key, errClosed)
 		}
-		if _, ok := sh.m[key]; ok && sh.j != nil {
-			sh.j.del(key)
-		}
-		delete(sh.m, key)
+		sh.remove(key)
 		sh.mu.Unlock()
 	}
 	return nil
@@ -372,8 +352,8 @@ func (s *Store) Close() error {
 		for i := range s.shards {
 			sh := &s.shards[i]
 			sh.mu.Lock()
-			sh.m = nil
-			sh.peak = 0
+			sh.closed = true
+			sh.t.free()
 			sh.mu.Unlock()
 		}
 	})
@@ -394,10 +374,33 @@ func (s *Store) Len() int {
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
-		total += len(sh.m)
+		total += sh.t.len()
 		sh.mu.Unlock()
 	}
 	return total
+}
+
+// Stats is what the Store holds, for sizing and for the metrics.
+type Stats struct {
+	Records     int // including expired ones not yet reclaimed
+	IndexBytes  int // the hash index's slots
+	RecordBytes int // the records, dead ones included
+	DeadBytes   int // records replaced or deleted, reclaimed by compaction
+}
+
+// Stats adds up every shard's figures, one shard lock at a time.
+func (s *Store) Stats() Stats {
+	var st Stats
+	for i := range s.shards {
+		sh := &s.shards[i]
+		sh.mu.Lock()
+		st.Records += sh.t.used
+		st.IndexBytes += len(sh.t.slots) * 8
+		st.RecordBytes += sh.t.top
+		st.DeadBytes += sh.t.dead
+		sh.mu.Unlock()
+	}
+	return st
 }
 
 func (s *Store) sweepLoop(interval time.Duration) {
@@ -455,21 +458,8 @@ func (s *Store) sweep(stop <-chan struct{}) {
 func (sh *shard) sweep(now int64) {
 	sh.mu.Lock()
 	defer sh.mu.Unlock()
-	if sh.m == nil {
-		return
-	}
-	for k, e := range sh.m {
-		if e.expired(now) {
-			delete(sh.m, k)
-		}
-	}
-	if sh.peak >= shrinkMin && len(sh.m) <= sh.peak/4 {
-		m := make(map[string]entry, len(sh.m))
-		for k, e := range sh.m {
-			m[k] = e
-		}
-		sh.m = m
-		sh.peak = len(m)
+	if !sh.closed {
+		sh.t.sweep(now)
 	}
 }
 

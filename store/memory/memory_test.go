@@ -121,19 +121,30 @@ func TestSweepShrinksEmptiedShard(t *testing.T) {
 	clock := newFakeClock()
 	s := New(Options{Shards: 1, Now: clock.Now, SweepInterval: -1})
 	defer s.Close()
-	fill(t, s, "burst", 4*shrinkMin, time.Second)
-	fill(t, s, "keep", 3, 0)
-	clock.Advance(2 * time.Second)
-	s.Sweep()
+	fill(t, s, "burst", 20_000, time.Second)
+	keep := fill(t, s, "keep", 3, 0)
 	sh := &s.shards[0]
 	sh.mu.Lock()
-	peak := sh.peak
+	slots, top := len(sh.t.slots), sh.t.top
 	sh.mu.Unlock()
-	if peak != 3 {
-		t.Errorf("peak after sweep = %d, want 3 (map rebuilt)", peak)
+	clock.Advance(2 * time.Second)
+	s.Sweep()
+	sh.mu.Lock()
+	slotsAfter, topAfter, dead := len(sh.t.slots), sh.t.top, sh.t.dead
+	sh.mu.Unlock()
+	if slotsAfter != minSlots {
+		t.Errorf("index after sweep: %d slots (%d before), want %d", slotsAfter, slots, minSlots)
+	}
+	if topAfter >= top/100 || dead != 0 {
+		t.Errorf("arena after sweep: %d bytes written, %d dead (%d written before), want the 3 live records only", topAfter, dead, top)
 	}
 	if got := s.Len(); got != 3 {
 		t.Errorf("Len = %d, want 3", got)
+	}
+	for _, k := range keep {
+		if v, ok, err := s.Get(t.Context(), k); err != nil || !ok || string(v) != "v" {
+			t.Errorf("Get(%s) after the shrink = %q, %v, %v", k, v, ok, err)
+		}
 	}
 }
 

@@ -32,34 +32,34 @@ func (s *Store) locked(ctx context.Context, op string, keys []string, f func(sh 
 	if err := f(sh, now); err != nil {
 		return fmt.Errorf("memory %s %s: %w", op, keys[0], err)
 	}
-	if len(sh.m) > sh.peak {
-		sh.peak = len(sh.m)
-	}
 	return nil
 }
 
 // set stores e under key and journals it. The shard is locked.
-func (sh *shard) set(key string, e entry) {
-	sh.m[key] = e
+func (sh *shard) set(key string, e entry) error {
+	if err := sh.t.put(key, e); err != nil {
+		return err
+	}
 	if sh.j != nil {
 		sh.j.put(key, e)
 	}
+	return nil
 }
 
 // remove deletes key and journals it. The shard is locked.
 func (sh *shard) remove(key string) {
-	delete(sh.m, key)
-	if sh.j != nil {
+	if sh.t.del(key) && sh.j != nil {
 		sh.j.del(key)
 	}
 }
 
 // live returns key's entry if it exists and has not expired; an expired
-// one is reclaimed on the way.
+// one is reclaimed on the way. Expiry needs no journal record: replay
+// drops what has expired.
 func (sh *shard) live(key string, now int64) (entry, bool) {
-	e, ok := sh.m[key]
+	e, ok := sh.t.get(key)
 	if ok && e.expired(now) {
-		delete(sh.m, key)
+		sh.t.del(key)
 		return entry{}, false
 	}
 	return e, ok
@@ -73,9 +73,8 @@ func (s *Store) SetNX(ctx context.Context, key string, value []byte, ttl time.Du
 	err := s.locked(ctx, "setnx", []string{key}, func(sh *shard, now int64) error {
 		e, ok := sh.live(key, now)
 		if !ok {
-			sh.set(key, entry{val: v, expires: deadline(now, ttl)})
 			stored = true
-			return nil
+			return sh.set(key, entry{val: v, expires: deadline(now, ttl)})
 		}
 		if !e.kind.isString() {
 			return store.ErrWrongType
@@ -112,18 +111,15 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 		}
 		exp := deadline(now, ttl)
 		for _, in := range incs {
-			e, ok := sh.m[in.Key]
+			e, ok := sh.t.get(in.Key)
 			if !ok {
 				e = entry{kind: kindHash}
 			}
 			old, _ := fieldGet(e.val, in.Field)
 			e.val = fieldSet(e.val, in.Field, old+in.Delta)
 			e.expires = exp
-			sh.m[in.Key] = e
-		}
-		if sh.j != nil {
-			for _, k := range keys {
-				sh.j.put(k, sh.m[k])
+			if err := sh.set(in.Key, e); err != nil {
+				return err
 			}
 		}
 		return nil
@@ -171,8 +167,7 @@ func (s *Store) Tally(ctx context.Context, key string, now time.Time, quiet, ttl
 		count++
 		e.val = fieldSet(fieldSet(e.val, store.TallyCount, count), store.TallyLast, nowMS)
 		e.expires = deadline(clock, ttl)
-		sh.set(key, e)
-		return nil
+		return sh.set(key, e)
 	})
 	return count, err
 }
@@ -209,8 +204,7 @@ func (s *Store) Acquire(ctx context.Context, key, member string, limit int64, no
 			return nil
 		}
 		e.expires = deadline(clock, lease)
-		sh.set(key, e)
-		return nil
+		return sh.set(key, e)
 	})
 	return granted, held, err
 }
@@ -230,8 +224,7 @@ func (s *Store) Release(ctx context.Context, key, member string) error {
 			sh.remove(key)
 			return nil
 		}
-		sh.set(key, e)
-		return nil
+		return sh.set(key, e)
 	})
 }
 
@@ -250,11 +243,14 @@ func (s *Store) Scan(ctx context.Context, prefix string) ([]string, error) {
 			sh.mu.Unlock()
 			return nil, fmt.Errorf("memory scan: %w", errClosed)
 		}
-		for k, e := range sh.m {
-			if strings.HasPrefix(k, prefix) && !e.expired(now) {
+		sh.t.all(func(packed []byte, e entry) {
+			if e.expired(now) {
+				return
+			}
+			if k := sh.t.codec.unpack(packed); strings.HasPrefix(k, prefix) {
 				out = append(out, k)
 			}
-		}
+		})
 		sh.mu.Unlock()
 	}
 	sort.Strings(out)

@@ -284,11 +284,10 @@ func (j *journal) recover(s *Store) uint64 {
 		}
 		sh := s.shard(key)
 		if op == opDel || e.expired(now) {
-			delete(sh.m, key)
+			sh.t.del(key)
 			return nil
 		}
-		sh.m[key] = e
-		return nil
+		return sh.t.put(key, e)
 	}
 	var covered uint64
 	loaded := 0
@@ -336,10 +335,6 @@ func (j *journal) recover(s *Store) uint64 {
 		if err != nil {
 			j.log.Error("state journal damaged; kept the records before the damage", "file", name, "err", err)
 		}
-	}
-	for i := range s.shards {
-		sh := &s.shards[i]
-		sh.peak = len(sh.m)
 	}
 	j.log.Info("state loaded", "dir", j.dir, "keys", s.Len(), "snapshot_records", loaded, "journal_records", replayed, "took", time.Since(start).Round(time.Millisecond))
 	return maxGen
@@ -459,14 +454,14 @@ func (j *journal) writeSnapshot(s *Store, covered uint64) error {
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
-		for k, e := range sh.m {
+		sh.t.all(func(packed []byte, e entry) {
 			if e.expired(now) {
-				continue
+				return
 			}
-			payload = encodeEntry(payload[:0], k, e)
+			payload = encodeEntry(payload[:0], sh.t.codec.unpack(packed), e)
 			rec = appendRecord(rec[:0], payload)
 			bw.Write(rec)
-		}
+		})
 		sh.mu.Unlock()
 	}
 	if err := bw.Flush(); err != nil {
