@@ -79,6 +79,10 @@ fill_start=$(date +%s)
 	-duration 15m -json >"$work/res/fill.json"
 fill_secs=$(($(date +%s) - fill_start))
 rss_filled=$(metric process_resident_memory_bytes)
+records_filled=$(metric policyd_store_records)
+# The table's size: its index and its records (dead ones are among the records).
+table_filled=$(curl -fsS "http://$pd_http/metrics" |
+	awk '/^policyd_store_bytes\{part="(index|records)"\}/ { s += $2 } END { printf "%.0f\n", s }')
 for round in 1 2; do
 	load "small$round" -proto policy -addr "$small_policy" -c 16 -duration "$dur"
 	load "big$round" -proto policy -addr "$pd_policy" -c 16 -duration "$dur" -clients "$big"
@@ -90,5 +94,6 @@ rss_small=$(metric process_resident_memory_bytes)
 stop_policyd
 
 mkdir -p "$(dirname "$out")"
-scripts/bench-report.sh "$work/res" "$dur" "$clients" "$big" "$rss_small" "$rss_filled" "$rss_big" "$fill_secs" >"$out"
+scripts/bench-report.sh "$work/res" "$dur" "$clients" "$big" "$rss_small" "$rss_filled" "$rss_big" "$fill_secs" \
+	"$records_filled" "$table_filled" >"$out"
 echo "wrote $out" >&2

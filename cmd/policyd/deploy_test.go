@@ -64,7 +64,10 @@ func exposed(t testing.TB) (names, labels map[string]bool) {
 	m.ConfigReload(true)
 	m.SessionsOpen("policy", func() int { return 0 })
 	m.LimitHits("policy", "line_length")
-	st := metrics.InstrumentStore(memory.New(memory.Options{}), m)
+	mem := memory.New(memory.Options{})
+	defer mem.Close()
+	exportStoreSize(m, mem)
+	st := metrics.InstrumentStore(mem, m)
 	st.Incr(context.Background(), store.Key("192.0.2.1", "x", "y"), 1, time.Minute)
 	mfs, err := m.Gatherer().Gather()
 	if err != nil {

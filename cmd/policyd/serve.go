@@ -116,6 +116,17 @@ func openStore(o options) (store.Store, error) {
 	return nil, fmt.Errorf("store %q: not a store URL (memory, redis://host:port/db, redis+sentinel://h1:p,h2:p/master, redis+cluster://h1:p,h2:p)", o.storeURL)
 }
 
+// exportStoreSize puts the embedded store's size on /metrics; Redis
+// reports its own.
+func exportStoreSize(m *metrics.Registry, st store.Store) {
+	if mem, ok := st.(*memory.Store); ok {
+		m.StoreSize(func() (int, int, int, int) {
+			s := mem.Stats()
+			return s.Records, s.IndexBytes, s.RecordBytes, s.DeadBytes
+		})
+	}
+}
+
 // frontEnd is what serves on a listener: the policy and milter servers
 // and the HTTP server.
 type frontEnd interface {
@@ -138,12 +149,7 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	}
 	m := metrics.New(metrics.BuildInfo{Version: buildVersion(), GoVersion: runtime.Version()})
 	st := metrics.InstrumentStore(raw, m)
-	if mem, ok := raw.(*memory.Store); ok {
-		m.StoreSize(func() (int, int, int, int) {
-			s := mem.Stats()
-			return s.Records, s.IndexBytes, s.RecordBytes, s.DeadBytes
-		})
-	}
+	exportStoreSize(m, raw)
 	d := &daemon{o: o, log: log, store: st, rawStore: raw, adminToken: token, metrics: m, fronts: map[string]frontEnd{}}
 	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m}
 	c, err := d.load()
