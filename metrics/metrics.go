@@ -141,29 +141,37 @@ func (r *Registry) SessionsOpen(protocol string, f func() int) {
 	}, func() float64 { return float64(f()) }))
 }
 
-// StoreSize exports f, read at every scrape, as the embedded store's
+// StoreSize exports f, read once per scrape, as the embedded store's
 // policyd_store_records and policyd_store_bytes{part}.
 func (r *Registry) StoreSize(f func() (records, index, recordBytes, dead int)) {
-	r.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-		Namespace: Namespace, Name: "store_records",
-		Help: "Records the embedded store holds, expired ones not yet reclaimed included.",
-	}, func() float64 { n, _, _, _ := f(); return float64(n) }))
-	for _, part := range []string{"index", "records", "dead"} {
-		r.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
-			Namespace: Namespace, Name: "store_bytes",
-			Help:        "Memory the embedded store's table uses, outside the Go heap: the hash index, the records, and the dead records among them that compaction will reclaim.",
-			ConstLabels: prometheus.Labels{"part": part},
-		}, func() float64 {
-			_, index, recs, dead := f()
-			switch part {
-			case "index":
-				return float64(index)
-			case "records":
-				return float64(recs)
-			}
-			return float64(dead)
-		}))
-	}
+	r.reg.MustRegister(storeSize{
+		f: f,
+		records: prometheus.NewDesc(Namespace+"_store_records",
+			"Records the embedded store holds, expired ones not yet reclaimed included.", nil, nil),
+		bytes: prometheus.NewDesc(Namespace+"_store_bytes",
+			"Memory the embedded store's table uses, outside the Go heap: the hash index, the records, and the dead records among them that compaction will reclaim.",
+			[]string{"part"}, nil),
+	})
+}
+
+// storeSize is a collector, not four gauge functions, so that one scrape
+// walks the store's shards once.
+type storeSize struct {
+	f              func() (records, index, recordBytes, dead int)
+	records, bytes *prometheus.Desc
+}
+
+func (c storeSize) Describe(ch chan<- *prometheus.Desc) {
+	ch <- c.records
+	ch <- c.bytes
+}
+
+func (c storeSize) Collect(ch chan<- prometheus.Metric) {
+	n, index, recs, dead := c.f()
+	ch <- prometheus.MustNewConstMetric(c.records, prometheus.GaugeValue, float64(n))
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.GaugeValue, float64(index), "index")
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.GaugeValue, float64(recs), "records")
+	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.GaugeValue, float64(dead), "dead")
 }
 
 // LimitHits returns what a front-end calls when a client hits one of its

@@ -33,6 +33,11 @@ import (
 // it prints back as the same text; a word, once interned, stays so), so
 // two keys are equal exactly when their packed forms are, and unpacking
 // gives the key back.
+//
+// Only words that cannot come from clients are interned: rule names
+// (with their instance number: "client_stats:1") and record names
+// without digits ("sessions"). Anything else would fill the dictionary
+// with one client's worth of words each.
 const (
 	formRaw     = 0
 	formPolicyd = 1
@@ -111,10 +116,13 @@ func (c *keyCodec) pack(dst []byte, key string) []byte {
 		tag, after, ok1 := strings.Cut(rest, "}:")
 		rule, what, ok2 := strings.Cut(after, ":")
 		if ok1 && ok2 && tag != "" && !strings.Contains(tag, "}") {
+			if n := instanceLen(what); n > 0 && !isAddr(what) {
+				rule, what = after[:len(rule)+1+n], what[n+1:]
+			}
 			dst = append(dst, formPolicyd)
 			dst = c.packSeg(dst, tag, false)
 			dst = c.packSeg(dst, rule, true)
-			return c.packSeg(dst, what, true)
+			return c.packSeg(dst, what, strings.IndexAny(what, "0123456789") < 0)
 		}
 	}
 	dst = append(dst, formRaw)
@@ -137,6 +145,26 @@ func (c *keyCodec) packSeg(dst []byte, s string, intern bool) []byte {
 	dst = append(dst, segRaw)
 	dst = binary.AppendUvarint(dst, uint64(len(s)))
 	return append(dst, s...)
+}
+
+// instanceLen is the length of the instance number that starts s
+// ("1:10.1.2.3/32" for the rule instance "client_stats:1"), or 0.
+func instanceLen(s string) int {
+	for i := 0; i < len(s) && i <= 4; i++ {
+		switch c := s[i]; {
+		case c == ':' && i > 0:
+			return i
+		case c < '0' || c > '9':
+			return 0
+		}
+	}
+	return 0
+}
+
+func isAddr(s string) bool {
+	var scratch [24]byte
+	_, ok := packAddr(scratch[:0], s)
+	return ok
 }
 
 // packAddr packs s if it is an address or a network printed the way
@@ -306,17 +334,19 @@ func (c *keyCodec) unpackHash(p []byte) string {
 	buf := stack[:0]
 	words := *c.words.Load()
 	for len(p) > 0 {
-		var name []byte
 		if b := p[0]; b != nameRaw {
-			name, p = []byte(words[b]), p[1:]
+			w := words[b]
+			buf = binary.AppendUvarint(buf, uint64(len(w)))
+			buf = append(buf, w...)
+			p = p[1:]
 		} else {
 			l, n := binary.Uvarint(p[1:])
-			name, p = p[1+n:1+n+int(l)], p[1+n+int(l):]
+			buf = binary.AppendUvarint(buf, l)
+			buf = append(buf, p[1+n:1+n+int(l)]...)
+			p = p[1+n+int(l):]
 		}
 		v, n := binary.Varint(p)
 		p = p[n:]
-		buf = binary.AppendUvarint(buf, uint64(len(name)))
-		buf = append(buf, name...)
 		buf = binary.AppendVarint(buf, v)
 	}
 	return string(buf)

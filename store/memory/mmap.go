@@ -1,7 +1,9 @@
 package memory
 
 import (
+	"errors"
 	"fmt"
+	"sync/atomic"
 	"syscall"
 )
 
@@ -11,7 +13,14 @@ import (
 // (GOGC). Pages past what the table has written are never touched, so a
 // mapping's unused tail costs address space, not memory.
 
+// failMaps makes every new mapping fail, as when memory runs out, so
+// tests can check that nothing is lost or half-written then.
+var failMaps atomic.Bool
+
 func mapBytes(n int) ([]byte, error) {
+	if failMaps.Load() {
+		return nil, fmt.Errorf("map %d bytes: %w", n, errors.New("cannot allocate memory (test)"))
+	}
 	b, err := syscall.Mmap(-1, 0, n, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_ANON|syscall.MAP_PRIVATE)
 	if err != nil {
 		return nil, fmt.Errorf("map %d bytes: %w", n, err)

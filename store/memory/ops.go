@@ -103,23 +103,50 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 		keys[i] = in.Key
 	}
 	return s.locked(ctx, "hincr", keys, func(sh *shard, now int64) error {
-		// Check every key first, so a type error changes nothing.
-		for _, k := range keys {
-			if e, ok := sh.live(k, now); ok && e.kind != kindHash {
-				return store.ErrWrongType
-			}
-		}
+		// Every new record is computed, and room made for all of them,
+		// before any is written: a type error or a failure to map memory
+		// changes nothing.
 		exp := deadline(now, ttl)
-		for _, in := range incs {
-			e, ok := sh.t.get(in.Key)
+		news := make([]entry, len(incs))
+		room := 0
+		for i, in := range incs {
+			e, ok := entry{}, false
+			// A key met before in this call has its new record already.
+			for j := i - 1; j >= 0 && !ok; j-- {
+				if incs[j].Key == in.Key {
+					e, ok = news[j], true
+				}
+			}
 			if !ok {
-				e = entry{kind: kindHash}
+				if e, ok = sh.live(in.Key, now); !ok {
+					e = entry{kind: kindHash}
+				} else if e.kind != kindHash {
+					return store.ErrWrongType
+				}
 			}
 			old, _ := fieldGet(e.val, in.Field)
 			e.val = fieldSet(e.val, in.Field, old+in.Delta)
 			e.expires = exp
-			if err := sh.set(in.Key, e); err != nil {
-				return err
+			news[i] = e
+			room += maxRecordSize(in.Key, e)
+		}
+		if err := sh.t.reserve(len(incs), room); err != nil {
+			return err
+		}
+		sh.t.holdCompaction = true
+		defer func() {
+			sh.t.holdCompaction = false
+			sh.t.maybeCompact()
+		}()
+	write:
+		for i, in := range incs {
+			for _, later := range incs[i+1:] {
+				if later.Key == in.Key {
+					continue write // the later record has this one's fields too
+				}
+			}
+			if err := sh.set(in.Key, news[i]); err != nil {
+				return err // unreachable after reserve
 			}
 		}
 		return nil
@@ -243,8 +270,8 @@ func (s *Store) Scan(ctx context.Context, prefix string) ([]string, error) {
 			sh.mu.Unlock()
 			return nil, fmt.Errorf("memory scan: %w", errClosed)
 		}
-		sh.t.all(func(packed []byte, e entry) {
-			if e.expired(now) {
+		sh.t.all(func(packed []byte, expires int64, _ func() entry) {
+			if expires != 0 && now >= expires {
 				return
 			}
 			if k := sh.t.codec.unpack(packed); strings.HasPrefix(k, prefix) {

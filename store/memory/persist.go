@@ -245,9 +245,16 @@ func openJournal(s *Store, opts Options) error {
 		flushInterval: opts.FlushInterval, syncInterval: opts.SyncInterval, compactBytes: opts.CompactBytes,
 		stop: make(chan struct{}), done: make(chan struct{}),
 	}
-	maxGen := j.recover(s)
-	j.gen = maxGen + 1
-	if err := j.openGen(); err != nil {
+	maxGen, err := j.recover(s)
+	if err == nil {
+		j.gen = maxGen + 1
+		err = j.openGen()
+	}
+	if err != nil {
+		// The tables are mapped outside the Go heap: nobody else frees them.
+		for i := range s.shards {
+			s.shards[i].t.free()
+		}
 		lock.Close()
 		return err
 	}
@@ -273,10 +280,14 @@ func (j *journal) journalGens() []uint64 {
 }
 
 // recover loads the snapshot and replays newer journals into s. It
-// returns the highest generation seen.
-func (j *journal) recover(s *Store) uint64 {
+// returns the highest generation seen. Damaged files are logged and
+// skipped; the only error is running out of memory, which must stop
+// start-up rather than be taken for damage (the next snapshot would
+// then drop the records not loaded).
+func (j *journal) recover(s *Store) (uint64, error) {
 	start := time.Now()
 	now := s.nowNanos()
+	var fatal error
 	apply := func(payload []byte) error {
 		op, key, e, err := decodeRecord(payload)
 		if err != nil {
@@ -287,7 +298,11 @@ func (j *journal) recover(s *Store) uint64 {
 			sh.t.del(key)
 			return nil
 		}
-		return sh.t.put(key, e)
+		if err := sh.t.put(key, e); err != nil {
+			fatal = fmt.Errorf("loading state from %s: %w", j.dir, err)
+			return fatal
+		}
+		return nil
 	}
 	var covered uint64
 	loaded := 0
@@ -311,6 +326,9 @@ func (j *journal) recover(s *Store) uint64 {
 			return apply(p)
 		})
 		f.Close()
+		if fatal != nil {
+			return 0, fatal
+		}
 		if err != nil {
 			j.log.Error("state snapshot damaged; starting from what could be read and the journals", "file", f.Name(), "err", err, "keys", loaded)
 		}
@@ -332,12 +350,15 @@ func (j *journal) recover(s *Store) uint64 {
 		}
 		err = readRecords(f, func(p []byte) error { replayed++; return apply(p) })
 		f.Close()
+		if fatal != nil {
+			return 0, fatal
+		}
 		if err != nil {
 			j.log.Error("state journal damaged; kept the records before the damage", "file", name, "err", err)
 		}
 	}
 	j.log.Info("state loaded", "dir", j.dir, "keys", s.Len(), "snapshot_records", loaded, "journal_records", replayed, "took", time.Since(start).Round(time.Millisecond))
-	return maxGen
+	return maxGen, nil
 }
 
 func (j *journal) openGen() error {
@@ -454,11 +475,11 @@ func (j *journal) writeSnapshot(s *Store, covered uint64) error {
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
-		sh.t.all(func(packed []byte, e entry) {
-			if e.expired(now) {
+		sh.t.all(func(packed []byte, expires int64, e func() entry) {
+			if expires != 0 && now >= expires {
 				return
 			}
-			payload = encodeEntry(payload[:0], sh.t.codec.unpack(packed), e)
+			payload = encodeEntry(payload[:0], sh.t.codec.unpack(packed), e())
 			rec = appendRecord(rec[:0], payload)
 			bw.Write(rec)
 		})

@@ -11,7 +11,7 @@ import (
 )
 
 // table is one shard's records: an open-addressing index over an arena
-// of packed records, both outside the Go heap (mmap_unix.go). A Go map of
+// of packed records, both outside the Go heap (mmap.go). A Go map of
 // strings to entries cost some 190 bytes a record, twice over once the
 // collector's headroom is counted; a record here is about 40 bytes, plus
 // 8 to 16 for its index slot, and the collector never sees them.
@@ -57,6 +57,10 @@ type table struct {
 	kstr  string
 	kbuf  []byte
 	khash uint32
+
+	// holdCompaction keeps put from compacting, so that what reserve
+	// made room for stays there until the caller is done.
+	holdCompaction bool
 }
 
 const (
@@ -89,7 +93,10 @@ func (t *table) packKey(key string) (uint32, []byte) {
 	if t.kbuf == nil || key != t.kstr {
 		t.kbuf = t.codec.pack(t.kbuf[:0], key)
 		t.kstr = key
-		t.khash = uint32(maphash.String(t.seed, key))
+		// The upper half: the Store picks an untagged key's shard with
+		// the low bits of this same hash, so within a shard they are
+		// all alike.
+		t.khash = uint32(maphash.String(t.seed, key) >> 32)
 	}
 	return t.khash, t.kbuf
 }
@@ -201,11 +208,13 @@ func (t *table) put(key string, e entry) error {
 		}
 		t.dead += old
 		t.slots[pos] = slotOf(h, noff)
-		t.maybeCompact()
+		if !t.holdCompaction {
+			t.maybeCompact()
+		}
 		return nil
 	}
 	if (t.used+1)*4 > len(t.slots)*3 {
-		if err := t.resize(max(minSlots, 2*len(t.slots))); err != nil {
+		if err := t.resize(slotsFor(t.used+1, len(t.slots))); err != nil {
 			return err
 		}
 		pos, _ = t.find(h, k)
@@ -217,6 +226,39 @@ func (t *table) put(key string, e entry) error {
 	t.slots[pos] = slotOf(h, off)
 	t.used++
 	return nil
+}
+
+// slotsFor is the index size (a power of two, at least cur) that holds
+// n records at a load of at most 3/4.
+func slotsFor(n, cur int) int {
+	size := max(minSlots, cur)
+	for n*4 > size*3 {
+		size *= 2
+	}
+	return size
+}
+
+// reserve makes room for inserts new records and bytes of record data,
+// so that the puts that follow cannot fail for want of memory: a write
+// of several records is then all or nothing. Set holdCompaction until
+// they are done, or compaction may give the room back.
+func (t *table) reserve(inserts, bytes int) error {
+	if n := slotsFor(t.used+inserts, len(t.slots)); n != len(t.slots) {
+		if err := t.resize(n); err != nil {
+			return err
+		}
+	}
+	if t.top+bytes > len(t.arena) {
+		return t.grow(t.top + bytes)
+	}
+	return nil
+}
+
+// maxRecordSize bounds the bytes a put of key and e writes: a packed key
+// is never longer than its text plus a few bytes, a packed hash never
+// more than twice its fields.
+func maxRecordSize(key string, e entry) int {
+	return recVar + 2*binary.MaxVarintLen64 + len(key) + 8 + 2*len(e.val) + binary.MaxVarintLen64
 }
 
 // del removes key's record and reports whether there was one.
@@ -258,11 +300,15 @@ func (t *table) grow(need int) error {
 	if need > maxArena {
 		return fmt.Errorf("%w: a shard's records outgrew %d bytes", store.ErrUnavailable, maxArena)
 	}
-	n := max(minArena, 2*len(t.arena))
-	for n < need {
+	// At least twice the present size; doubling stops before it could
+	// overflow an int.
+	n := minArena
+	for (n < need || n/2 < len(t.arena)) && n <= maxArena/2 {
 		n *= 2
 	}
-	n = min(n, maxArena)
+	if n < need || n > maxArena {
+		n = maxArena
+	}
 	return t.remapArena(n, false)
 }
 
@@ -387,12 +433,12 @@ func (t *table) sweep(now int64) int {
 }
 
 // all calls fn with every record's packed key (valid during the call
-// only) and entry.
-func (t *table) all(fn func(packed []byte, e entry)) {
+// only), its expiry, and a function decoding its entry.
+func (t *table) all(fn func(packed []byte, expires int64, entry func() entry)) {
 	for _, s := range t.slots {
 		if s != 0 {
 			off := offOf(s)
-			fn(t.keyAt(off), t.entryAt(off))
+			fn(t.keyAt(off), t.expiresAt(off), func() entry { return t.entryAt(off) })
 		}
 	}
 }

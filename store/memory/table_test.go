@@ -2,11 +2,13 @@ package memory
 
 import (
 	"bytes"
+	"errors"
 	"hash/maphash"
 	"math/rand/v2"
 	"strconv"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/policyd-mail/policyd/store"
 )
@@ -21,6 +23,12 @@ func TestKeyPacking(t *testing.T) {
 		{store.Key("10.0.0.0/8", "client_stats", "10.1.2.3/32"), 14},
 		{store.Key("2001:db8:1:2::/64", "deny_repeat_offenders", "offender"), 21},
 		{store.Key("2001:db8::1", "r", "2001:db8::/32"), 0},
+		// Numbered rule instances: the number belongs to the rule's word.
+		{store.Key("10.0.0.0/8", "client_stats:1", "10.1.2.3/32"), 14},
+		{store.Key("10.0.0.0/8", "client_stats:12", "2001:db8::/64"), 0},
+		{store.Key("192.0.2.1", "greylisting:3", "triplet:00ff"), 0},
+		{store.Key("192.0.2.1", "r", "12345:x"), 0},
+		{store.Key("192.0.2.1", "r", "1:"), 0},
 		{store.Key("::ffff:192.0.2.1", "r", "x"), 0},
 		{store.Key("any", "greylisting:1", "triplet:0123456789abcdef0123456789abcdef"), 0},
 		// Text that looks like an address but would print differently
@@ -80,6 +88,29 @@ func TestKeyPackingDictionaryFull(t *testing.T) {
 	}
 	if again := c.pack(nil, first); !bytes.Equal(again, packed) {
 		t.Errorf("a key packed before the dictionary filled packs differently after: %x, %x", packed, again)
+	}
+}
+
+// Keys built from clients' addresses never reach the dictionary, however
+// many clients there are: only rule and record names do.
+func TestKeyPackingDictionaryStaysSmall(t *testing.T) {
+	c := newKeyCodec()
+	for i := range 5000 {
+		a := "10." + strconv.Itoa(i>>16&255) + "." + strconv.Itoa(i>>8&255) + "." + strconv.Itoa(i&255)
+		for _, k := range []string{
+			store.Key("10.0.0.0/8", "client_stats:1", a+"/32"),
+			store.Key("10.0.0.0/8", "client_stats", "1:"+a+"/32"),
+			store.Key(a, "connection_shaper", "sessions"),
+			store.Key("any", "greylisting", "triplet:"+strconv.Itoa(i)),
+			store.Key(a, "r", "n"+strconv.Itoa(i)),
+		} {
+			if got := c.unpack(c.pack(nil, k)); got != k {
+				t.Fatalf("unpack(pack(%q)) = %q", k, got)
+			}
+		}
+	}
+	if words := *c.words.Load(); len(words) > 8 {
+		t.Errorf("the dictionary holds %d words: %q…", len(words), words[:8])
 	}
 }
 
@@ -166,8 +197,12 @@ func TestTableMatchesMap(t *testing.T) {
 				}
 			}
 			seen := 0
-			tab.all(func(packed []byte, e entry) {
+			tab.all(func(packed []byte, expires int64, entry func() entry) {
 				seen++
+				e := entry()
+				if e.expires != expires {
+					t.Errorf("all: expiry %d, entry's %d", expires, e.expires)
+				}
 				k := tab.codec.unpack(packed)
 				if want, ok := model[k]; !ok || want != e {
 					t.Errorf("all: %q = %+v, model has %+v, %v", k, e, want, ok)
@@ -201,5 +236,114 @@ func BenchmarkTablePut(b *testing.B) {
 			b.Fatal(err)
 		}
 		i++
+	}
+}
+
+// withFailingMaps runs f while no memory can be mapped.
+func withFailingMaps(t *testing.T, f func()) {
+	t.Helper()
+	failMaps.Store(true)
+	defer failMaps.Store(false)
+	f()
+}
+
+// When memory runs out, a write fails as unavailable (the engine then
+// fails open or tempfails), and a write of several records changes none.
+func TestOutOfMemoryChangesNothing(t *testing.T) {
+	ctx := t.Context()
+	s := New(Options{Shards: 1, SweepInterval: -1})
+	defer s.Close()
+	existing := store.Key("192.0.2.1", "client_stats", "192.0.2.1/32")
+	if err := s.HIncr(ctx, time.Hour, store.FieldIncr{Key: existing, Field: "success", Delta: 1}); err != nil {
+		t.Fatal(err)
+	}
+	counter := store.Key("192.0.2.1", "connection_shaper", "sessions")
+	if _, err := s.Incr(ctx, counter, 1, 0); err != nil {
+		t.Fatal(err)
+	}
+	// Fill the index to its load limit: the next new record needs a
+	// bigger one.
+	for i := 1; s.Len()+1 <= minSlots*3/4; i++ {
+		if err := s.Set(ctx, store.Key("198.51.100."+strconv.Itoa(i), "r", "x"), []byte("v"), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fresh := store.Key("192.0.2.1", "client_stats", "192.0.2.0/24")
+	withFailingMaps(t, func() {
+		err := s.HIncr(ctx, time.Hour,
+			store.FieldIncr{Key: existing, Field: "success", Delta: 1},
+			store.FieldIncr{Key: fresh, Field: "success", Delta: 1})
+		if !errors.Is(err, store.ErrUnavailable) {
+			t.Fatalf("HIncr without memory: %v, want ErrUnavailable", err)
+		}
+		if _, err := s.Incr(ctx, store.Key("203.0.113.1", "r", "n"), 1, 0); !errors.Is(err, store.ErrUnavailable) {
+			t.Fatalf("Incr of a new key without memory: %v, want ErrUnavailable", err)
+		}
+		// An update in place needs no memory.
+		if n, err := s.Incr(ctx, counter, 1, 0); err != nil || n != 2 {
+			t.Errorf("Incr of a counter in place without memory: %d, %v; want 2", n, err)
+		}
+	})
+	got, err := s.HGet(ctx, existing, fresh)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got[0]["success"] != 1 || got[1] != nil {
+		t.Errorf("after a failed HIncr: %v, want the first record unchanged and no second", got)
+	}
+	if err := s.HIncr(ctx, time.Hour, store.FieldIncr{Key: existing, Field: "success", Delta: 1}, store.FieldIncr{Key: fresh, Field: "success", Delta: 1}); err != nil {
+		t.Fatalf("HIncr once memory is back: %v", err)
+	}
+}
+
+// A state directory that cannot be loaded for want of memory stops
+// Open with an error, and its files are kept whole for the next start.
+func TestOutOfMemoryAtStartKeepsState(t *testing.T) {
+	dir := t.TempDir()
+	ctx := t.Context()
+	s := openT(t, Options{Dir: dir, SweepInterval: -1})
+	key := store.Key("192.0.2.1", "deny_repeat_offenders", "offender")
+	if _, err := s.Tally(ctx, key, time.Now(), time.Hour, time.Hour); err != nil {
+		t.Fatal(err)
+	}
+	s.Close()
+	withFailingMaps(t, func() {
+		if s, err := Open(Options{Dir: dir, SweepInterval: -1}); err == nil {
+			s.Close()
+			t.Fatal("Open without memory succeeded")
+		} else if !strings.Contains(err.Error(), "loading state") {
+			t.Errorf("Open without memory: %v", err)
+		}
+	})
+	s = openT(t, Options{Dir: dir, SweepInterval: -1})
+	defer s.Close()
+	if got, _ := s.HGet(ctx, key); got[0][store.TallyCount] != 1 {
+		t.Errorf("offender record after the failed start: %v", got)
+	}
+}
+
+// Keys without a hash tag pick their shard with the same hash the table
+// probes with; their slots must still spread over the whole index.
+func TestUntaggedKeysSpread(t *testing.T) {
+	s := New(Options{SweepInterval: -1})
+	defer s.Close()
+	for i := range 50_000 {
+		if err := s.Set(t.Context(), "untagged-"+strconv.Itoa(i), []byte("v"), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	var dist, n int
+	for i := range s.shards {
+		tab := &s.shards[i].t
+		mask := len(tab.slots) - 1
+		for j, sl := range tab.slots {
+			if sl != 0 {
+				dist += (j - int(hashOf(sl))&mask) & mask
+				n++
+			}
+		}
+	}
+	if avg := float64(dist) / float64(n); avg > 2 {
+		t.Errorf("records sit %.1f slots past their home on average, want about 1 at this load", avg)
 	}
 }

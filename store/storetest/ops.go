@@ -117,6 +117,17 @@ func testHash(t *testing.T, r *runner) {
 		store.FieldIncr{Key: k32, Field: "s", Delta: 4},
 		store.FieldIncr{Key: k8, Field: "p", Delta: -1},
 	)
+	// A key new to the store, twice in one call: both count.
+	fresh := e.key("net/16b")
+	e.hincr(longTTL,
+		store.FieldIncr{Key: k24, Field: "s", Delta: 0},
+		store.FieldIncr{Key: fresh, Field: "s", Delta: 1},
+		store.FieldIncr{Key: fresh, Field: "s", Delta: 2},
+		store.FieldIncr{Key: fresh, Field: "t", Delta: 3},
+	)
+	if got := e.hget(fresh); !maps.Equal(got[0], map[string]int64{"s": 3, "t": 3}) {
+		t.Fatalf("HGet = %v, want s=3 t=3", got)
+	}
 	got := e.hget(k32, missing, k24, k8)
 	want := []map[string]int64{{"s": 5, "p": 2}, nil, {"s": 1}, {"s": 1, "p": -1}}
 	for i := range want {
