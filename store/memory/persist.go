@@ -378,10 +378,19 @@ func (j *journal) run(s *Store) {
 	flush := time.NewTicker(j.flushInterval)
 	defer flush.Stop()
 	lastSync := time.Now()
+	// A snapshot of millions of records takes seconds: it is written on
+	// a goroutine of its own, so the journal goes on reaching the file
+	// every flushInterval meanwhile and the loss bound holds during it.
+	var snapDone chan struct{} // nil while no snapshot is being written
 	for {
 		select {
 		case <-j.stop:
+			if snapDone != nil {
+				<-snapDone
+			}
 			return
+		case <-snapDone:
+			snapDone = nil
 		case <-flush.C:
 			sync := time.Since(lastSync) >= j.syncInterval
 			if sync {
@@ -391,11 +400,21 @@ func (j *journal) run(s *Store) {
 			// A snapshot costs the store's size, so it waits for a journal
 			// at least as big as the last snapshot: the rewriting stays a
 			// constant share of the updates however many clients there are.
-			if j.compactBytes > 0 && j.size > max(j.compactBytes, j.snapSize.Load()) {
-				j.snapshot(s)
+			if snapDone == nil && j.compactBytes > 0 && j.journalSize() > max(j.compactBytes, j.snapSize.Load()) {
+				snapDone = make(chan struct{})
+				go func(done chan struct{}) {
+					defer close(done)
+					j.snapshot(s)
+				}(snapDone)
 			}
 		}
 	}
+}
+
+func (j *journal) journalSize() int64 {
+	j.fmu.Lock()
+	defer j.fmu.Unlock()
+	return j.size
 }
 
 const maxSpare = 16 << 20
@@ -460,6 +479,10 @@ func (j *journal) snapshot(s *Store) {
 	}
 }
 
+// snapshotPause, when set, is called as a snapshot starts: tests use it
+// to hold a snapshot open.
+var snapshotPause atomic.Pointer[func()]
+
 func (j *journal) writeSnapshot(s *Store, covered uint64) error {
 	tmp := filepath.Join(j.dir, "snapshot.tmp")
 	f, err := os.OpenFile(tmp, os.O_CREATE|os.O_WRONLY|os.O_TRUNC, 0o600)
@@ -472,6 +495,9 @@ func (j *journal) writeSnapshot(s *Store, covered uint64) error {
 	rec = appendRecord(rec, []byte(snapshotMagic+" "+strconv.FormatUint(covered, 10)))
 	bw.Write(rec)
 	now := s.nowNanos()
+	if p := snapshotPause.Load(); p != nil {
+		(*p)()
+	}
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()

@@ -11,6 +11,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -278,4 +279,66 @@ func kill9Child(dir string) {
 			next = time.Now().Add(50 * time.Millisecond)
 		}
 	}
+}
+
+// While a snapshot is being written (seconds, with millions of records),
+// the journal still reaches the file every FlushInterval: the kill -9
+// loss bound holds during a snapshot too.
+func TestJournalFlushedDuringSnapshot(t *testing.T) {
+	dir := t.TempDir()
+	started, release := make(chan struct{}), make(chan struct{})
+	var once sync.Once
+	pause := func() {
+		once.Do(func() { close(started) })
+		<-release
+	}
+	snapshotPause.Store(&pause)
+	defer snapshotPause.Store(nil)
+	s := openT(t, Options{Dir: dir, SweepInterval: -1, FlushInterval: 5 * time.Millisecond, CompactBytes: 1})
+	defer s.Close()
+	defer close(release)
+	ctx := t.Context()
+	if err := s.Set(ctx, store.Key("192.0.2.1", "r", "before"), []byte("1"), 0); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case <-started:
+	case <-time.After(10 * time.Second):
+		t.Fatal("no snapshot started")
+	}
+	during := store.Key("192.0.2.2", "r", "during")
+	if err := s.Set(ctx, during, []byte("2"), 0); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(10 * time.Second)
+	for !journalHas(t, dir, during) {
+		if time.Now().After(deadline) {
+			t.Fatal("a record written during a snapshot did not reach the journal file within 10 s")
+		}
+		time.Sleep(5 * time.Millisecond)
+	}
+}
+
+// journalHas reports whether a journal file in dir holds a record of key.
+func journalHas(t *testing.T, dir, key string) bool {
+	t.Helper()
+	names, _ := filepath.Glob(filepath.Join(dir, "journal.*"))
+	for _, n := range names {
+		f, err := os.Open(n)
+		if err != nil {
+			continue
+		}
+		found := false
+		readRecords(f, func(p []byte) error {
+			if _, k, _, err := decodeRecord(p); err == nil && k == key {
+				found = true
+			}
+			return nil
+		})
+		f.Close()
+		if found {
+			return true
+		}
+	}
+	return false
 }
