@@ -122,7 +122,7 @@ func (c *keyCodec) pack(dst []byte, key string) []byte {
 			dst = append(dst, formPolicyd)
 			dst = c.packSeg(dst, tag, false)
 			dst = c.packSeg(dst, rule, true)
-			return c.packSeg(dst, what, strings.IndexAny(what, "0123456789") < 0)
+			return c.packSeg(dst, what, !strings.ContainsAny(what, "0123456789"))
 		}
 	}
 	dst = append(dst, formRaw)
