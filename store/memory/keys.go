@@ -116,6 +116,10 @@ func (c *keyCodec) pack(dst []byte, key string) []byte {
 		tag, after, ok1 := strings.Cut(rest, "}:")
 		rule, what, ok2 := strings.Cut(after, ":")
 		if ok1 && ok2 && tag != "" && !strings.Contains(tag, "}") {
+			// A numbered instance ("client_stats:1") joins the rule's
+			// word. Only rule names come this way today; a record name
+			// built from client text must not start with up to four
+			// digits and a colon, or its number would be interned.
 			if n := instanceLen(what); n > 0 && !isAddr(what) {
 				rule, what = after[:len(rule)+1+n], what[n+1:]
 			}

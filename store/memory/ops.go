@@ -128,9 +128,19 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 			e.val = fieldSet(e.val, in.Field, old+in.Delta)
 			e.expires = exp
 			news[i] = e
-			room += maxRecordSize(in.Key, e)
 		}
-		if err := sh.t.reserve(len(incs), room); err != nil {
+		inserts, room := 0, 0
+		for i, in := range incs {
+			if !lastOf(incs, i) {
+				continue
+			}
+			insert, bytes := sh.t.need(in.Key, news[i])
+			if insert {
+				inserts++
+			}
+			room += bytes
+		}
+		if err := sh.t.reserve(inserts, room); err != nil {
 			return err
 		}
 		sh.t.holdCompaction = true
@@ -138,12 +148,9 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 			sh.t.holdCompaction = false
 			sh.t.maybeCompact()
 		}()
-	write:
 		for i, in := range incs {
-			for _, later := range incs[i+1:] {
-				if later.Key == in.Key {
-					continue write // the later record has this one's fields too
-				}
+			if !lastOf(incs, i) {
+				continue // the later record has this one's fields too
 			}
 			if err := sh.set(in.Key, news[i]); err != nil {
 				return err // unreachable after reserve
@@ -151,6 +158,16 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 		}
 		return nil
 	})
+}
+
+// lastOf reports whether incs[i] is the last increment of its key.
+func lastOf(incs []store.FieldIncr, i int) bool {
+	for _, later := range incs[i+1:] {
+		if later.Key == incs[i].Key {
+			return false
+		}
+	}
+	return true
 }
 
 // HGet implements store.Store.

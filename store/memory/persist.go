@@ -368,6 +368,11 @@ func (j *journal) openGen() error {
 		return fmt.Errorf("state journal: %w", err)
 	}
 	j.f, j.size = f, 0
+	// The new file's name must survive a power failure too.
+	if d, err := os.Open(j.dir); err == nil {
+		d.Sync()
+		d.Close()
+	}
 	return nil
 }
 
@@ -424,6 +429,11 @@ const maxSpare = 16 << 20
 func (j *journal) flush(sync bool) {
 	j.fmu.Lock()
 	defer j.fmu.Unlock()
+	j.flushLocked(sync)
+}
+
+// flushLocked is flush with fmu held.
+func (j *journal) flushLocked(sync bool) {
 	j.mu.Lock()
 	buf := j.buf
 	j.buf, j.spare = j.spare[:0], nil
@@ -459,8 +469,12 @@ func (j *journal) flush(sync bool) {
 // snapshot writes every live key to a new snapshot covering the journal
 // generations up to the current one, then removes those journals.
 func (j *journal) snapshot(s *Store) {
-	j.flush(true)
+	// The last flush into the generation the snapshot will cover, its
+	// fsync and the rotation are one step: a flush by the run loop in
+	// between would leave records in that generation that nothing fsyncs
+	// before the snapshot is done.
 	j.fmu.Lock()
+	j.flushLocked(true)
 	covered := j.gen
 	j.f.Close()
 	j.gen++

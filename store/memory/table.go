@@ -243,7 +243,7 @@ func slotsFor(n, cur int) int {
 // of several records is then all or nothing. Set holdCompaction until
 // they are done, or compaction may give the room back.
 func (t *table) reserve(inserts, bytes int) error {
-	if n := slotsFor(t.used+inserts, len(t.slots)); n != len(t.slots) {
+	if n := slotsFor(t.used+inserts, len(t.slots)); inserts > 0 && n != len(t.slots) {
 		if err := t.resize(n); err != nil {
 			return err
 		}
@@ -254,11 +254,22 @@ func (t *table) reserve(inserts, bytes int) error {
 	return nil
 }
 
-// maxRecordSize bounds the bytes a put of key and e writes: a packed key
-// is never longer than its text plus a few bytes, a packed hash never
-// more than twice its fields.
-func maxRecordSize(key string, e entry) int {
-	return recVar + 2*binary.MaxVarintLen64 + len(key) + 8 + 2*len(e.val) + binary.MaxVarintLen64
+// need says what a put of e under key would take that the table does
+// not have yet, for reserve: whether it adds a record, and the bytes of
+// arena of a new or moved record (0 for an update in place).
+func (t *table) need(key string, e entry) (insert bool, bytes int) {
+	h, k := t.packKey(key)
+	var stack [48]byte
+	v := t.appendValue(stack[:0], e)
+	size := recVar + uvarintLen(len(k)) + uvarintLen(len(v)) + len(k) + len(v)
+	pos, found := t.find(h, k)
+	if !found {
+		return true, size
+	}
+	if _, _, _, vc := t.layout(offOf(t.slots[pos])); len(v) <= vc {
+		return false, 0
+	}
+	return false, size
 }
 
 // del removes key's record and reports whether there was one.

@@ -279,18 +279,21 @@ func TestOutOfMemoryChangesNothing(t *testing.T) {
 		if _, err := s.Incr(ctx, store.Key("203.0.113.1", "r", "n"), 1, 0); !errors.Is(err, store.ErrUnavailable) {
 			t.Fatalf("Incr of a new key without memory: %v, want ErrUnavailable", err)
 		}
-		// An update in place needs no memory.
+		got, err := s.HGet(ctx, existing, fresh)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if got[0]["success"] != 1 || got[1] != nil {
+			t.Errorf("after a failed HIncr: %v, want the first record unchanged and no second", got)
+		}
+		// Updates in place need no memory.
 		if n, err := s.Incr(ctx, counter, 1, 0); err != nil || n != 2 {
 			t.Errorf("Incr of a counter in place without memory: %d, %v; want 2", n, err)
 		}
+		if err := s.HIncr(ctx, time.Hour, store.FieldIncr{Key: existing, Field: "success", Delta: 1}); err != nil {
+			t.Errorf("HIncr of a record in place without memory: %v", err)
+		}
 	})
-	got, err := s.HGet(ctx, existing, fresh)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if got[0]["success"] != 1 || got[1] != nil {
-		t.Errorf("after a failed HIncr: %v, want the first record unchanged and no second", got)
-	}
 	if err := s.HIncr(ctx, time.Hour, store.FieldIncr{Key: existing, Field: "success", Delta: 1}, store.FieldIncr{Key: fresh, Field: "success", Delta: 1}); err != nil {
 		t.Fatalf("HIncr once memory is back: %v", err)
 	}
