@@ -108,7 +108,6 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 		// changes nothing.
 		exp := deadline(now, ttl)
 		news := make([]entry, len(incs))
-		room := 0
 		for i, in := range incs {
 			e, ok := entry{}, false
 			// A key met before in this call has its new record already.
@@ -129,18 +128,7 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 			e.expires = exp
 			news[i] = e
 		}
-		inserts, room := 0, 0
-		for i, in := range incs {
-			if !lastOf(incs, i) {
-				continue
-			}
-			insert, bytes := sh.t.need(in.Key, news[i])
-			if insert {
-				inserts++
-			}
-			room += bytes
-		}
-		if err := sh.t.reserve(inserts, room); err != nil {
+		if err := sh.reserveFor(incs, news); err != nil {
 			return err
 		}
 		sh.t.holdCompaction = true
@@ -158,6 +146,31 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 		}
 		return nil
 	})
+}
+
+// reserveFor makes room for HIncr's new records. Nearly always the
+// table has room for the most they could take; otherwise what they need
+// exactly is worked out, so that records updated in place need nothing.
+func (sh *shard) reserveFor(incs []store.FieldIncr, news []entry) error {
+	most := 0
+	for i, in := range incs {
+		most += maxRecordSize(in.Key, news[i])
+	}
+	if sh.t.hasRoom(len(incs), most) {
+		return nil
+	}
+	inserts, room := 0, 0
+	for i, in := range incs {
+		if !lastOf(incs, i) {
+			continue
+		}
+		insert, bytes := sh.t.need(in.Key, news[i])
+		if insert {
+			inserts++
+		}
+		room += bytes
+	}
+	return sh.t.reserve(inserts, room)
 }
 
 // lastOf reports whether incs[i] is the last increment of its key.

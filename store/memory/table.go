@@ -254,6 +254,24 @@ func (t *table) reserve(inserts, bytes int) error {
 	return nil
 }
 
+// hasRoom reports whether inserts new records of bytes in all fit
+// without a new mapping.
+func (t *table) hasRoom(inserts, bytes int) bool {
+	return (t.used+inserts)*4 <= len(t.slots)*3 && t.top+bytes <= len(t.arena)
+}
+
+// maxRecordSize bounds what a put of e under key writes, without packing
+// anything: a packed key is at most its text plus, for each of its three
+// segments, a type byte and a length; a packed hash at most its fields
+// plus a marker byte each, and its length.
+func maxRecordSize(key string, e entry) int {
+	v := len(e.val)
+	if e.kind == kindHash {
+		v *= 2
+	}
+	return recVar + 2*binary.MaxVarintLen64 + 1 + len(key) + 3*(1+binary.MaxVarintLen64) + v + 2*binary.MaxVarintLen64
+}
+
 // need says what a put of e under key would take that the table does
 // not have yet, for reserve: whether it adds a record, and the bytes of
 // arena of a new or moved record (0 for an update in place).
