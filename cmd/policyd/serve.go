@@ -143,8 +143,33 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The listeners are bound before the store is loaded, which takes
+	// seconds with a million clients in the state directory: meanwhile
+	// the kernel queues the MTA's connections and their requests wait
+	// for the answer, where a refused connection would be answered by
+	// the MTA's default action (Postfix's: tempfail).
+	lns := map[string]net.Listener{}
+	closeAll := func() {
+		for _, l := range lns {
+			l.Close()
+		}
+	}
+	for _, a := range []struct{ name, addr string }{
+		{"policy delegation", o.policyListen}, {"milter", o.milterListen}, {"http", o.httpListen},
+	} {
+		if a.addr == "" {
+			continue
+		}
+		ln, err := listen.Listen(a.addr)
+		if err != nil {
+			closeAll()
+			return nil, err
+		}
+		lns[a.name] = ln
+	}
 	raw, err := openStore(o)
 	if err != nil {
+		closeAll()
 		return nil, err
 	}
 	m := metrics.New(metrics.BuildInfo{Version: buildVersion(), GoVersion: runtime.Version()})
@@ -154,15 +179,16 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m}
 	c, err := d.load()
 	if err != nil {
+		closeAll()
 		st.Close()
 		return nil, err
 	}
 	d.chain.Store(c)
 	fronts := []struct {
-		name, addr string
-		mk         func() frontEnd
+		name string
+		mk   func() frontEnd
 	}{
-		{"policy delegation", o.policyListen, func() frontEnd {
+		{"policy delegation", func() frontEnd {
 			srv := postfixpolicy.New(postfixpolicy.Config{
 				Logger: log, MaxDelay: o.policyDelay,
 				Limits:      postfixpolicy.Limits{MaxLine: o.policyMaxLine, MaxAttrs: o.policyMaxAttrs, MaxRequest: o.policyMaxRequest},
@@ -175,7 +201,7 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 			m.SessionsOpen("policy", srv.Sessions)
 			return srv
 		}},
-		{"milter", o.milterListen, func() frontEnd {
+		{"milter", func() frontEnd {
 			srv := milter.New(milter.Config{
 				Logger:      log,
 				MaxPacket:   uint32(o.milterMaxPacket),
@@ -188,24 +214,15 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 			m.SessionsOpen("milter", srv.Open)
 			return srv
 		}},
-		{"http", o.httpListen, func() frontEnd {
+		{"http", func() frontEnd {
 			return httpFront{&http.Server{Handler: d.httpHandler(), ReadHeaderTimeout: 5 * time.Second}}
 		}},
 	}
-	var lns []net.Listener
 	for _, f := range fronts {
-		if f.addr == "" {
+		ln, ok := lns[f.name]
+		if !ok {
 			continue
 		}
-		ln, err := listen.Listen(f.addr)
-		if err != nil {
-			for _, l := range lns {
-				l.Close()
-			}
-			st.Close()
-			return nil, err
-		}
-		lns = append(lns, ln)
 		fe := f.mk()
 		d.fronts[f.name] = fe
 		d.wg.Go(func() {

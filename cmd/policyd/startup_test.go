@@ -1,0 +1,98 @@
+package main
+
+import (
+	"bufio"
+	"flag"
+	"log/slog"
+	"net"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/policyd-mail/policyd/store"
+	"github.com/policyd-mail/policyd/store/memory"
+)
+
+// A state directory with many clients takes seconds to load. The
+// listeners are bound first, so the MTA's connection is taken and its
+// request answered once the state is in, instead of being refused (which
+// Postfix answers with its default action, a tempfail unless set).
+func TestListenersBoundBeforeStateLoads(t *testing.T) {
+	state := t.TempDir()
+	st, err := memory.Open(memory.Options{Dir: state, SweepInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for i := range 300_000 {
+		a := netip.AddrFrom4([4]byte{10, byte(i >> 16), byte(i >> 8), byte(i)})
+		if _, err := st.Incr(t.Context(), store.Key(a.String(), "connection_shaper", "sessions"), 1, time.Hour); err != nil {
+			t.Fatal(err)
+		}
+	}
+	st.Close() // writes the snapshot the daemon will load
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 1000\n"), 0o644)
+
+	// A free port, known before start-up: the test must connect while
+	// the daemon is still loading, before it logs its addresses.
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := ln.Addr().String()
+	ln.Close()
+
+	var o options
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	o.register(fs)
+	if err := fs.Parse([]string{"--config", cfg, "--state-dir", state, "--policy-listen", addr, "--milter-listen", "", "--http-listen", ""}); err != nil {
+		t.Fatal(err)
+	}
+	type result struct {
+		d   *daemon
+		err error
+	}
+	started := make(chan result, 1)
+	go func() {
+		d, err := start(o, slog.New(slog.DiscardHandler))
+		started <- result{d, err}
+	}()
+	var c net.Conn
+	for c == nil {
+		select {
+		case r := <-started:
+			if r.d != nil {
+				r.d.stop(time.Second)
+			}
+			t.Fatalf("start-up finished (err %v) before %s took a connection: the listeners were bound after the state was loaded", r.err, addr)
+		default:
+		}
+		if c, err = net.DialTimeout("tcp", addr, time.Second); err != nil {
+			c = nil
+			time.Sleep(time.Millisecond)
+		}
+	}
+	defer c.Close()
+	select {
+	case r := <-started:
+		started <- r
+		t.Fatalf("the first connection was taken only once start-up had finished")
+	default:
+	}
+	// The request waits for the load, then gets its answer.
+	reply := policyAsk(t, c, bufio.NewReader(c), "protocol_state=RCPT", "client_address=10.0.0.1", "client_port=4000",
+		"helo_name=h.example", "sender=s@example.org", "recipient=r@example.test", "instance=a.b.c.1")
+	if !strings.HasPrefix(reply, "action=") {
+		t.Errorf("reply = %q", reply)
+	}
+	r := <-started
+	if r.err != nil {
+		t.Fatal(r.err)
+	}
+	if err := r.d.stop(5 * time.Second); err != nil {
+		t.Error(err)
+	}
+}
