@@ -87,8 +87,10 @@ type daemon struct {
 	adminToken string
 	metrics    *metrics.Registry
 	fronts     map[string]frontEnd
+	listeners  map[string]net.Listener
 	wg         sync.WaitGroup
 	ready      atomic.Bool
+	stopping   atomic.Bool
 }
 
 func openStore(o options) (store.Store, error) {
@@ -143,6 +145,16 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
+	// The configuration is checked before anything is bound or loaded:
+	// a typo must not keep the MTA's requests waiting for a state load
+	// only to refuse them.
+	fsys, name, err := configDir(o.config)
+	if err != nil {
+		return nil, err
+	}
+	if _, _, err := rules.Load(fsys, name, rules.Options{}); err != nil {
+		return nil, configFailure(log, name, err)
+	}
 	// The listeners are bound before the store is loaded, which takes
 	// seconds with a million clients in the state directory: meanwhile
 	// the kernel queues the MTA's connections and their requests wait
@@ -175,7 +187,7 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	m := metrics.New(metrics.BuildInfo{Version: buildVersion(), GoVersion: runtime.Version()})
 	st := metrics.InstrumentStore(raw, m)
 	exportStoreSize(m, raw)
-	d := &daemon{o: o, log: log, store: st, rawStore: raw, adminToken: token, metrics: m, fronts: map[string]frontEnd{}}
+	d := &daemon{o: o, log: log, store: st, rawStore: raw, adminToken: token, metrics: m, fronts: map[string]frontEnd{}, listeners: lns}
 	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m}
 	c, err := d.load()
 	if err != nil {
@@ -226,7 +238,7 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 		fe := f.mk()
 		d.fronts[f.name] = fe
 		d.wg.Go(func() {
-			if err := fe.Serve(ln); err != nil {
+			if err := fe.Serve(ln); err != nil && !d.stopping.Load() {
 				log.Error("listener failed", "listener", f.name, "err", err)
 				d.ready.Store(false)
 			}
@@ -259,20 +271,26 @@ func (d *daemon) load() (*rules.Chain, error) {
 		d.log.Warn("config", "problem", w.Error())
 	}
 	if err != nil {
-		var ce rules.ConfigErrors
-		if errors.As(err, &ce) {
-			for _, e := range ce {
-				d.log.Error("config", "problem", e.Error())
-			}
-			return nil, fmt.Errorf("%s: %s in the configuration", name, count(len(ce), "problem"))
-		}
-		return nil, err
+		return nil, configFailure(d.log, name, err)
 	}
 	d.log.Info("chain loaded", "config", name, "rules", strings.Join(c.Rules(), ","))
 	for _, line := range strings.Split(strings.TrimSpace(c.Describe()), "\n") {
 		d.log.Info("chain", "rule", line)
 	}
 	return c, nil
+}
+
+// configFailure logs each problem of a configuration that did not load
+// and sums them up.
+func configFailure(log *slog.Logger, name string, err error) error {
+	var ce rules.ConfigErrors
+	if errors.As(err, &ce) {
+		for _, e := range ce {
+			log.Error("config", "problem", e.Error())
+		}
+		return fmt.Errorf("%s: %s in the configuration", name, count(len(ce), "problem"))
+	}
+	return err
 }
 
 // reload builds the new chain aside; a bad config keeps the old one.
@@ -330,6 +348,7 @@ func (d *daemon) probeStore(ctx context.Context) error {
 // stop drains the front-ends side by side within timeout, then closes
 // the store.
 func (d *daemon) stop(timeout time.Duration) error {
+	d.stopping.Store(true)
 	d.ready.Store(false)
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
@@ -346,6 +365,13 @@ func (d *daemon) stop(timeout time.Duration) error {
 		})
 	}
 	stops.Wait()
+	// A stop right after start-up (a SIGTERM during the state load) can
+	// come before a front-end's Serve has taken its listener, which it
+	// then no longer does: closed here, the MTA's queued connections are
+	// refused at once and a socket file is removed.
+	for _, ln := range d.listeners {
+		ln.Close()
+	}
 	d.wg.Wait()
 	if err := d.store.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("store: %w", err))

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"flag"
 	"log/slog"
 	"net"
@@ -12,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/testsync"
 	"github.com/policyd-mail/policyd/store"
 	"github.com/policyd-mail/policyd/store/memory"
 )
@@ -34,7 +36,9 @@ func TestListenersBoundBeforeStateLoads(t *testing.T) {
 	}
 	st.Close() // writes the snapshot the daemon will load
 	cfg := t.TempDir()
-	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 1000\n"), 0o644)
+	if err := os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 1000\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
 
 	// A free port, known before start-up: the test must connect while
 	// the daemon is still loading, before it logs its addresses.
@@ -45,12 +49,7 @@ func TestListenersBoundBeforeStateLoads(t *testing.T) {
 	addr := ln.Addr().String()
 	ln.Close()
 
-	var o options
-	fs := flag.NewFlagSet("t", flag.ContinueOnError)
-	o.register(fs)
-	if err := fs.Parse([]string{"--config", cfg, "--state-dir", state, "--policy-listen", addr, "--milter-listen", "", "--http-listen", ""}); err != nil {
-		t.Fatal(err)
-	}
+	o := parseServe(t, "--config", cfg, "--state-dir", state, "--policy-listen", addr, "--milter-listen", "", "--http-listen", "")
 	type result struct {
 		d   *daemon
 		err error
@@ -67,7 +66,7 @@ func TestListenersBoundBeforeStateLoads(t *testing.T) {
 			if r.d != nil {
 				r.d.stop(time.Second)
 			}
-			t.Fatalf("start-up finished (err %v) before %s took a connection: the listeners were bound after the state was loaded", r.err, addr)
+			t.Fatalf("start-up finished (err %v) before %s took a connection: the listeners were bound after the state was loaded (or another process took the port)", r.err, addr)
 		default:
 		}
 		if c, err = net.DialTimeout("tcp", addr, time.Second); err != nil {
@@ -94,5 +93,63 @@ func TestListenersBoundBeforeStateLoads(t *testing.T) {
 	}
 	if err := r.d.stop(5 * time.Second); err != nil {
 		t.Error(err)
+	}
+}
+
+// parseServe builds serve's options from args, as the command line does.
+func parseServe(t *testing.T, args ...string) options {
+	t.Helper()
+	var o options
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	o.register(fs)
+	if err := fs.Parse(args); err != nil {
+		t.Fatal(err)
+	}
+	return o
+}
+
+// A stop right after start-up, as when a SIGTERM arrived during the state
+// load, still closes every listener: the socket file goes, and no
+// listener is reported as failed.
+func TestStopRightAfterStartClosesListeners(t *testing.T) {
+	dir := t.TempDir()
+	sock := filepath.Join(dir, "policy.sock")
+	var logs testsync.Buffer
+	for i := range 20 {
+		o := parseServe(t, "--state-dir", filepath.Join(dir, "state"), "--policy-listen", "unix:"+sock, "--milter-listen", "", "--http-listen", "")
+		d, err := start(o, slog.New(slog.NewTextHandler(&logs, nil)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := d.stop(5 * time.Second); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := os.Stat(sock); !errors.Is(err, os.ErrNotExist) {
+			t.Fatalf("round %d: the socket file is still there after stop (%v)", i, err)
+		}
+	}
+	if strings.Contains(logs.String(), "listener failed") {
+		t.Errorf("a clean stop logged a failed listener:\n%s", logs.String())
+	}
+}
+
+// A configuration error stops start-up before the state is loaded (here
+// it could not be: another store holds the directory), so the MTA is
+// not kept waiting for a load that ends in a refusal.
+func TestConfigCheckedBeforeStateLoads(t *testing.T) {
+	state := t.TempDir()
+	holder, err := memory.Open(memory.Options{Dir: state, SweepInterval: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer holder.Close()
+	cfg := t.TempDir()
+	if err := os.WriteFile(filepath.Join(cfg, "plugins"), []byte("no_such_rule\n"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	o := parseServe(t, "--config", cfg, "--state-dir", state, "--policy-listen", "127.0.0.1:0", "--milter-listen", "", "--http-listen", "")
+	_, err = start(o, slog.New(slog.DiscardHandler))
+	if err == nil || !strings.Contains(err.Error(), "in the configuration") {
+		t.Fatalf("start with a bad config and a busy state directory: %v, want the configuration's error", err)
 	}
 }
