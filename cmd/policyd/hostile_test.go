@@ -9,7 +9,6 @@ import (
 	"bytes"
 	"encoding/binary"
 	"errors"
-	"flag"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -372,13 +371,7 @@ func TestLimitFlags(t *testing.T) {
 	if postfixpolicy.DefaultMaxConnTime <= 1000*time.Second || postfixpolicy.DefaultIdleTimeout <= 300*time.Second {
 		t.Error("a policy limit would cut a connection Postfix still uses (max_ttl 1000s, max_idle 300s)")
 	}
-	tests := []struct {
-		name string
-		args []string
-		env  map[string]string
-		want func(o options) bool
-		err  string
-	}{
+	runOptionCases(t, []optionCase{
 		{name: "defaults", want: func(o options) bool {
 			return o.policyMaxLine == postfixpolicy.DefaultLimits.MaxLine && o.milterMaxPacket == milter.DefaultMaxPacket &&
 				o.policyMaxConnTime == postfixpolicy.DefaultMaxConnTime && o.milterIdle == milter.DefaultIdleTimeout
@@ -398,23 +391,5 @@ func TestLimitFlags(t *testing.T) {
 		{name: "not a number", env: map[string]string{"POLICYD_POLICY_MAX_REQUEST": "lots"}, err: "POLICYD_POLICY_MAX_REQUEST"},
 		{name: "zero duration", args: []string{"--milter-idle-timeout", "0s"}, err: "not a positive duration"},
 		{name: "negative duration", env: map[string]string{"POLICYD_POLICY_MAX_CONN_TIME": "-1h"}, err: "not a positive duration"},
-	}
-	for _, tc := range tests {
-		t.Run(tc.name, func(t *testing.T) {
-			var o options
-			fs := flag.NewFlagSet("t", flag.ContinueOnError)
-			fs.SetOutput(io.Discard)
-			o.register(fs)
-			err := parseFlags(fs, tc.args, func(k string) (string, bool) { v, ok := tc.env[k]; return v, ok })
-			if tc.err != "" {
-				if err == nil || !strings.Contains(err.Error(), tc.err) {
-					t.Fatalf("err = %v, want %q", err, tc.err)
-				}
-				return
-			}
-			if err != nil || !tc.want(o) {
-				t.Fatalf("err=%v options=%+v", err, o)
-			}
-		})
-	}
+	})
 }

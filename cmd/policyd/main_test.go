@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"flag"
+	"io"
 	"os"
 	"path/filepath"
 	"strings"
@@ -11,13 +12,7 @@ import (
 )
 
 func TestFlagsAndEnvironmentTwins(t *testing.T) {
-	tests := []struct {
-		name string
-		args []string
-		env  map[string]string
-		want func(o options) bool
-		err  string
-	}{
+	runOptionCases(t, []optionCase{
 		{name: "defaults", want: func(o options) bool {
 			return o.policyListen == "127.0.0.1:10040" && o.milterListen == "127.0.0.1:10041" && o.httpListen == "127.0.0.1:10042" &&
 				o.storeURL == "memory" && o.storeTimeout == 100*time.Millisecond && o.onStoreError == "continue" && o.logFormat == "text"
@@ -35,14 +30,24 @@ func TestFlagsAndEnvironmentTwins(t *testing.T) {
 		{name: "empty environment twin disables", env: map[string]string{"POLICYD_MILTER_LISTEN": ""}, want: func(o options) bool { return o.milterListen == "" }},
 		{name: "bad environment value", env: map[string]string{"POLICYD_STORE_TIMEOUT": "soon"}, err: "POLICYD_STORE_TIMEOUT"},
 		{name: "stray argument", args: []string{"extra"}, err: `unexpected argument "extra"`},
-	}
-	for _, tc := range tests {
+	})
+}
+
+// optionCase is one command line and environment for serve, and what
+// its options must then be (want) or the error they give (err).
+type optionCase struct {
+	name string
+	args []string
+	env  map[string]string
+	want func(o options) bool
+	err  string
+}
+
+func runOptionCases(t *testing.T, cases []optionCase) {
+	t.Helper()
+	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
-			var o options
-			fs := flag.NewFlagSet("t", flag.ContinueOnError)
-			fs.SetOutput(new(bytes.Buffer))
-			o.register(fs)
-			err := parseFlags(fs, tc.args, func(k string) (string, bool) { v, ok := tc.env[k]; return v, ok })
+			o, err := parseOptions(tc.args, tc.env)
 			if tc.err != "" {
 				if err == nil || !strings.Contains(err.Error(), tc.err) {
 					t.Fatalf("err = %v, want %q", err, tc.err)
@@ -54,6 +59,16 @@ func TestFlagsAndEnvironmentTwins(t *testing.T) {
 			}
 		})
 	}
+}
+
+// parseOptions parses serve's flags and environment as the command does.
+func parseOptions(args []string, env map[string]string) (options, error) {
+	var o options
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	fs.SetOutput(io.Discard)
+	o.register(fs)
+	err := parseFlags(fs, args, func(k string) (string, bool) { v, ok := env[k]; return v, ok })
+	return o, err
 }
 
 func TestCheck(t *testing.T) {

@@ -3,16 +3,17 @@ package main
 import (
 	"bufio"
 	"errors"
-	"flag"
 	"log/slog"
 	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/testnet"
 	"github.com/policyd-mail/policyd/internal/testsync"
 	"github.com/policyd-mail/policyd/store"
 	"github.com/policyd-mail/policyd/store/memory"
@@ -42,12 +43,11 @@ func TestListenersBoundBeforeStateLoads(t *testing.T) {
 
 	// A free port, known before start-up: the test must connect while
 	// the daemon is still loading, before it logs its addresses.
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	port, err := testnet.FreePort()
 	if err != nil {
 		t.Fatal(err)
 	}
-	addr := ln.Addr().String()
-	ln.Close()
+	addr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 
 	o := parseServe(t, "--config", cfg, "--state-dir", state, "--policy-listen", addr, "--milter-listen", "", "--http-listen", "")
 	type result struct {
@@ -99,10 +99,8 @@ func TestListenersBoundBeforeStateLoads(t *testing.T) {
 // parseServe builds serve's options from args, as the command line does.
 func parseServe(t *testing.T, args ...string) options {
 	t.Helper()
-	var o options
-	fs := flag.NewFlagSet("t", flag.ContinueOnError)
-	o.register(fs)
-	if err := fs.Parse(args); err != nil {
+	o, err := parseOptions(args, nil)
+	if err != nil {
 		t.Fatal(err)
 	}
 	return o

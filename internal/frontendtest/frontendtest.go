@@ -275,3 +275,13 @@ func milterSession(t *testing.T, addr string, s Session, i int) Outcome {
 	}
 	return append(o, "message: "+a)
 }
+
+// Expect reports each session whose outcome is not the one wanted.
+func Expect(t *testing.T, got []Outcome, want []string) {
+	t.Helper()
+	for i := range want {
+		if got[i].String() != want[i] {
+			t.Errorf("session %d: %s\nwant %s", i+1, got[i], want[i])
+		}
+	}
+}

@@ -32,6 +32,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/testnet"
 	"github.com/policyd-mail/policyd/internal/testsync"
 )
 
@@ -207,15 +208,6 @@ func waitGroupGone(pgid int, timeout time.Duration) bool {
 	return true
 }
 
-func freePort() (int, error) {
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
-}
-
 func start(t testing.TB, master string, owner ids, o Options) (*Postfix, error) {
 	t.Helper()
 	dir, fromTempDir, err := instanceDir(t)
@@ -232,7 +224,7 @@ func start(t testing.TB, master string, owner ids, o Options) (*Postfix, error) 
 			return nil, err
 		}
 	}
-	port, err := freePort()
+	port, err := testnet.FreePort()
 	if err != nil {
 		return nil, err
 	}

@@ -23,6 +23,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/testnet"
 	"github.com/policyd-mail/policyd/internal/testsync"
 )
 
@@ -191,7 +192,7 @@ func startSendmail(t testing.TB, tree sendmailTree, o SendmailOptions) (*Sendmai
 	if err != nil {
 		return nil, err
 	}
-	port, err := freePort()
+	port, err := testnet.FreePort()
 	if err != nil {
 		return nil, err
 	}

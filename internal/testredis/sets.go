@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/testnet"
 	"github.com/policyd-mail/policyd/internal/testsync"
 )
 
@@ -136,7 +137,7 @@ func StartCluster(t testing.TB) *Cluster {
 // free too (the default, port+10000, may not exist).
 func startNode(t testing.TB) *Server {
 	t.Helper()
-	bus, err := freePort()
+	bus, err := testnet.FreePort()
 	if err != nil {
 		t.Fatalf("testredis: %v", err)
 	}

@@ -25,6 +25,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/testnet"
 	"github.com/policyd-mail/policyd/internal/testsync"
 )
 
@@ -77,7 +78,7 @@ func start(t testing.TB, sentinel bool, extra []string) *Server {
 	// A port found free can be taken by another process before the
 	// server binds it: try a few.
 	for range 5 {
-		port, err := freePort()
+		port, err := testnet.FreePort()
 		if err != nil {
 			t.Fatalf("testredis: %v", err)
 		}
@@ -103,15 +104,6 @@ func start(t testing.TB, sentinel bool, extra []string) *Server {
 	}
 	t.Fatalf("testredis: %v", lastErr)
 	return nil
-}
-
-func freePort() (int, error) {
-	l, err := net.Listen("tcp4", "127.0.0.1:0")
-	if err != nil {
-		return 0, err
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
 // run starts the process and waits until it answers PING.

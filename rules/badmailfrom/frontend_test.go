@@ -21,9 +21,5 @@ func TestBothFrontEnds(t *testing.T) {
 		"rcpt user@example.test: ok; message: ok",
 	}
 	got := frontendtest.Both(t, "badmailfrom", files, sessions)
-	for i := range want {
-		if got[i].String() != want[i] {
-			t.Errorf("session %d: %s\nwant %s", i+1, got[i], want[i])
-		}
-	}
+	frontendtest.Expect(t, got, want)
 }

@@ -19,9 +19,5 @@ func TestBothFrontEnds(t *testing.T) {
 		"rcpt x@closed.example: 5 closed",
 	}
 	got := frontendtest.Both(t, `badrcptto recipient trap@example.test recipient "@closed.example closed"`, nil, sessions)
-	for i := range want {
-		if got[i].String() != want[i] {
-			t.Errorf("session %d: %s\nwant %s", i+1, got[i], want[i])
-		}
-	}
+	frontendtest.Expect(t, got, want)
 }

@@ -39,11 +39,7 @@ func TestBothFrontEnds(t *testing.T) {
 		"rcpt user@example.test: ok; message: ok",
 	}
 	got := frontendtest.Both(t, "whitelist clients 198.51.100.0/24\nconnection_shaper threshold 2 exptime 60", nil, sessions)
-	for i := range want {
-		if got[i].String() != want[i] {
-			t.Errorf("session %d: %s\nwant %s", i+1, got[i], want[i])
-		}
-	}
+	frontendtest.Expect(t, got, want)
 
 	// A new window: the fake clock moves past exptime (memory store only:
 	// Redis expires keys on its own clock).

@@ -43,11 +43,7 @@ func TestBothFrontEnds(t *testing.T) {
 				"rcpt user@example.test: ok; message: ok",
 			}
 			got := frontendtest.Both(t, tc.plugins, nil, sessions)
-			for i := range want {
-				if got[i].String() != want[i] {
-					t.Errorf("session %d: %s\nwant %s", i+1, got[i], want[i])
-				}
-			}
+			frontendtest.Expect(t, got, want)
 		})
 	}
 }

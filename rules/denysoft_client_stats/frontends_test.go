@@ -32,11 +32,7 @@ func TestBothFrontEndsRefuseTheBadNetwork(t *testing.T) {
 		"rcpt user@example.test: ok; message: ok",
 		"rcpt user@example.test: ok; message: ok",
 	}
-	for i := range want {
-		if got[i].String() != want[i] {
-			t.Errorf("session %d: %s\nwant %s", i+1, got[i], want[i])
-		}
-	}
+	frontendtest.Expect(t, got, want)
 }
 
 // The scenario: the refusal rate of new clients inside a network
@@ -88,9 +84,5 @@ func TestBothFrontEndsAtConnect(t *testing.T) {
 		"rcpt user@example.test: 4 1 permanent failures, 0 successful deliveries from 192.0.2.0/24: Rejecting with probability 1",
 		"rcpt user@example.test: ok; message: ok",
 	}
-	for i := range want {
-		if got[i].String() != want[i] {
-			t.Errorf("session %d: %s\nwant %s", i+1, got[i], want[i])
-		}
-	}
+	frontendtest.Expect(t, got, want)
 }

@@ -125,11 +125,7 @@ func TestBothFrontEndsAgree(t *testing.T) {
 		"rcpt user@example.test: ok; message: ok",
 		"rcpt user@example.test: 5 no mail from here",
 	}
-	for i := range want {
-		if got[i].String() != want[i] {
-			t.Errorf("session %d: %s\nwant %s", i+1, got[i], want[i])
-		}
-	}
+	frontendtest.Expect(t, got, want)
 }
 
 // The documented difference: the policy protocol never reports a

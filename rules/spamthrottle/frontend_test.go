@@ -40,11 +40,7 @@ func TestBothFrontEndsAgree(t *testing.T) {
 		"rcpt user@example.test: ok; message: ok",
 		"rcpt user@example.test: ok; message: ok",
 	}
-	for i := range want {
-		if got[i].String() != want[i] {
-			t.Errorf("session %d: %s\nwant %s", i+1, got[i], want[i])
-		}
-	}
+	frontendtest.Expect(t, got, want)
 }
 
 // measured is the scenario of the delay measurements: one client sending

@@ -1,7 +1,6 @@
 package memory
 
 import (
-	"errors"
 	"fmt"
 	"sync/atomic"
 	"syscall"
@@ -19,7 +18,7 @@ var failMaps atomic.Bool
 
 func mapBytes(n int) ([]byte, error) {
 	if failMaps.Load() {
-		return nil, fmt.Errorf("map %d bytes: %w", n, errors.New("cannot allocate memory (test)"))
+		return nil, fmt.Errorf("map %d bytes (failMaps): %w", n, syscall.ENOMEM)
 	}
 	b, err := syscall.Mmap(-1, 0, n, syscall.PROT_READ|syscall.PROT_WRITE, syscall.MAP_ANON|syscall.MAP_PRIVATE)
 	if err != nil {

@@ -369,11 +369,16 @@ func (j *journal) openGen() error {
 	}
 	j.f, j.size = f, 0
 	// The new file's name must survive a power failure too.
-	if d, err := os.Open(j.dir); err == nil {
+	syncDir(j.dir)
+	return nil
+}
+
+// syncDir makes the creation or renaming of a file in dir durable.
+func syncDir(dir string) {
+	if d, err := os.Open(dir); err == nil {
 		d.Sync()
 		d.Close()
 	}
-	return nil
 }
 
 // run flushes the buffer every flushInterval, fsyncs every syncInterval,
@@ -543,10 +548,7 @@ func (j *journal) writeSnapshot(s *Store, covered uint64) error {
 		return err
 	}
 	// Make the rename itself durable.
-	if d, err := os.Open(j.dir); err == nil {
-		d.Sync()
-		d.Close()
-	}
+	syncDir(j.dir)
 	return nil
 }
 

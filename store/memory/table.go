@@ -116,6 +116,12 @@ func (t *table) keyAt(off int) []byte {
 	return t.arena[kAt : kAt+kl]
 }
 
+// recordSize is the bytes of a record with a packed key of klen bytes and
+// a value of vlen.
+func recordSize(klen, vlen int) int {
+	return recVar + uvarintLen(klen) + uvarintLen(vlen) + klen + vlen
+}
+
 func (t *table) sizeAt(off int) int {
 	_, _, vAt, vc := t.layout(off)
 	return vAt + vc - off
@@ -279,7 +285,7 @@ func (t *table) need(key string, e entry) (insert bool, bytes int) {
 	h, k := t.packKey(key)
 	var stack [48]byte
 	v := t.appendValue(stack[:0], e)
-	size := recVar + uvarintLen(len(k)) + uvarintLen(len(v)) + len(k) + len(v)
+	size := recordSize(len(k), len(v))
 	pos, found := t.find(h, k)
 	if !found {
 		return true, size
@@ -305,7 +311,7 @@ func (t *table) del(key string) bool {
 // alloc writes a new record at the top of the arena.
 func (t *table) alloc(k, v []byte, e entry) (int, error) {
 	kl, vc := len(k), len(v)
-	size := recVar + uvarintLen(kl) + uvarintLen(vc) + kl + vc
+	size := recordSize(kl, vc)
 	if t.top+size > len(t.arena) {
 		if err := t.grow(t.top + size); err != nil {
 			return 0, err
