@@ -174,6 +174,61 @@ func (c storeSize) Collect(ch chan<- prometheus.Metric) {
 	ch <- prometheus.MustNewConstMetric(c.bytes, prometheus.GaugeValue, float64(dead), "dead")
 }
 
+// StateHealth is what the embedded store reports about its state
+// directory, read at every scrape.
+type StateHealth struct {
+	PersistedAt    time.Time // every update made before it is on disk
+	Behind         bool      // the disk is behind memory (writes fail, or a snapshot is owed)
+	BufferBytes    int       // journal records waiting to be written
+	DroppedRecords int64     // journal records dropped while the disk refused writes
+	// From the start-up load: records damage cost (-1: unknown) and the
+	// bytes that could not be read.
+	LoadLost         int
+	LoadDamagedBytes int64
+}
+
+// State exports f as the policyd_state_* series of the embedded store.
+func (r *Registry) State(f func() StateHealth) {
+	d := func(name, help string) *prometheus.Desc {
+		return prometheus.NewDesc(Namespace+"_state_"+name, help, nil, nil)
+	}
+	r.reg.MustRegister(stateHealth{f: f, descs: [6]*prometheus.Desc{
+		d("persisted_timestamp_seconds", "Every update made before this time is in the state directory; alert when it falls behind time()."),
+		d("behind", "1 while the state directory is behind memory: journal writes fail, or records were dropped and a snapshot is pending."),
+		d("journal_buffer_bytes", "Journal records in memory waiting to be written; bounded while writes fail."),
+		d("journal_dropped_records_total", "Journal records dropped because the disk refused writes past the buffer's bound; a snapshot writes them once it can."),
+		d("load_records_lost", "Records the damage found at start-up cost (-1: an unknown number); the damaged files are kept as *.damaged.TIME."),
+		d("load_damaged_bytes", "Bytes of the state files that could not be read at start-up."),
+	}})
+}
+
+type stateHealth struct {
+	f     func() StateHealth
+	descs [6]*prometheus.Desc
+}
+
+func (c stateHealth) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range c.descs {
+		ch <- d
+	}
+}
+
+func (c stateHealth) Collect(ch chan<- prometheus.Metric) {
+	h := c.f()
+	behind := 0.0
+	if h.Behind {
+		behind = 1
+	}
+	vals := [6]float64{float64(h.PersistedAt.UnixNano()) / 1e9, behind, float64(h.BufferBytes), float64(h.DroppedRecords), float64(h.LoadLost), float64(h.LoadDamagedBytes)}
+	for i, d := range c.descs {
+		t := prometheus.GaugeValue
+		if i == 3 {
+			t = prometheus.CounterValue
+		}
+		ch <- prometheus.MustNewConstMetric(d, t, vals[i])
+	}
+}
+
 // LimitHits returns what a front-end calls when a client hits one of its
 // limits, counted in policyd_limit_hits_total{protocol,limit}. Every
 // limit named is shown at zero from the start, so an alert on an increase

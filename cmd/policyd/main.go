@@ -19,6 +19,7 @@ import (
 	"github.com/policyd-mail/policyd/postfixpolicy"
 	"github.com/policyd-mail/policyd/rules"
 	_ "github.com/policyd-mail/policyd/rules/all"
+	"github.com/policyd-mail/policyd/store/memory"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -99,6 +100,7 @@ type options struct {
 	httpListen   string
 	storeURL     string
 	stateDir     string
+	stateMaxLoss memory.LossLimit
 	storeTimeout time.Duration
 	onStoreError string
 	adminToken   string
@@ -130,6 +132,11 @@ func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.httpListen, "http-listen", "127.0.0.1:10042", "HTTP listener for /metrics, /healthz and /readyz; empty disables")
 	fs.StringVar(&o.storeURL, "store", "memory", "store: memory (embedded, persisted under --state-dir), redis://host:port/db, rediss://…, redis+sentinel://h1:p,h2:p/master, redis+cluster://h1:p,h2:p")
 	fs.StringVar(&o.stateDir, "state-dir", "./state", "where the embedded store persists its data")
+	fs.Func("state-max-loss", "refuse to start when damage in --state-dir cost more records than N, or P% of the snapshot (default: start with what could be read)", func(s string) error {
+		l, err := memory.ParseLossLimit(s)
+		o.stateMaxLoss = l
+		return err
+	})
 	fs.DurationVar(&o.storeTimeout, "store-timeout", 100*time.Millisecond, "bound on every store call")
 	fs.StringVar(&o.onStoreError, "on-store-error", "continue", "answer when the store fails: continue or tempfail")
 	fs.StringVar(&o.adminToken, "admin-token-file", "", "bearer token file for the admin API")

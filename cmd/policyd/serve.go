@@ -98,7 +98,7 @@ func openStore(o options) (store.Store, error) {
 	case o.storeURL == "memory":
 		// In-process calls cannot hang, so --store-timeout does not apply.
 		// The store persists itself under --state-dir (store/memory/persist.go).
-		st, err := memory.Open(memory.Options{Dir: o.stateDir, Logger: slog.Default()})
+		st, err := memory.Open(memory.Options{Dir: o.stateDir, Logger: slog.Default(), MaxLoss: o.stateMaxLoss})
 		if err != nil {
 			return nil, fmt.Errorf("store memory: %w", err)
 		}
@@ -125,6 +125,13 @@ func exportStoreSize(m *metrics.Registry, st store.Store) {
 		m.StoreSize(func() (int, int, int, int) {
 			s := mem.Stats()
 			return s.Records, s.IndexBytes, s.RecordBytes, s.DeadBytes
+		})
+		m.State(func() metrics.StateHealth {
+			p, l := mem.Persistence(), mem.LoadReport()
+			return metrics.StateHealth{
+				PersistedAt: p.PersistedAt, Behind: p.Behind != "", BufferBytes: p.BufferBytes, DroppedRecords: p.DroppedRecords,
+				LoadLost: l.Lost, LoadDamagedBytes: l.DamagedBytes,
+			}
 		})
 	}
 }
@@ -320,7 +327,16 @@ func (d *daemon) httpHandler() http.Handler {
 			http.Error(w, "not ready: "+err.Error(), http.StatusServiceUnavailable)
 			return
 		}
+		// A degraded store still answers every request from memory, so
+		// it stays ready (a 503 would take the MTA's traffic away, which
+		// is worse than a disk that lags): the reasons go in the body,
+		// one "degraded:" line each, for a check that reads it.
 		io.WriteString(w, "ready\n")
+		if deg, ok := d.rawStore.(interface{ Degraded() []string }); ok {
+			for _, why := range deg.Degraded() {
+				io.WriteString(w, "degraded: "+why+"\n")
+			}
+		}
 	})
 	admin := adminAuth(d.adminToken, http.HandlerFunc(d.adminClients))
 	mux.Handle("GET /api/v1/clients/{client...}", admin)

@@ -66,6 +66,13 @@ type Options struct {
 	CompactBytes int64
 	// Logger receives recovery and I/O problems; default discards.
 	Logger *slog.Logger
+	// MaxJournalBuffer bounds the journal records held in memory while
+	// the disk refuses writes; past it they are dropped and a snapshot is
+	// written once the disk takes writes again. Default 64 MiB.
+	MaxJournalBuffer int
+	// MaxLoss makes Open fail when damage in the directory cost more
+	// records than this (--state-max-loss); the zero value never fails.
+	MaxLoss LossLimit
 }
 
 // entry is one key's value as the operations see it; the table stores it
@@ -116,12 +123,13 @@ type Store struct {
 	seed   maphash.Seed
 	now    func() time.Time
 
-	j         *journal // nil without persistence
-	interval  time.Duration
-	closed    atomic.Bool
-	closeOnce sync.Once
-	stop      chan struct{} // closed by Close to stop the sweeper
-	done      chan struct{} // closed by the sweeper when it exits; nil if none
+	j          *journal // nil without persistence
+	loadReport LoadReport
+	interval   time.Duration
+	closed     atomic.Bool
+	closeOnce  sync.Once
+	stop       chan struct{} // closed by Close to stop the sweeper
+	done       chan struct{} // closed by the sweeper when it exits; nil if none
 }
 
 var _ store.Store = (*Store)(nil)
@@ -153,6 +161,9 @@ func Open(opts Options) (*Store, error) {
 	}
 	if opts.Logger == nil {
 		opts.Logger = slog.New(slog.DiscardHandler)
+	}
+	if opts.MaxJournalBuffer <= 0 {
+		opts.MaxJournalBuffer = 64 << 20
 	}
 	s := newStore(opts)
 	if err := openJournal(s, opts); err != nil {

@@ -3,10 +3,8 @@ package memory
 import (
 	"bufio"
 	"encoding/binary"
-	"errors"
 	"fmt"
 	"hash/crc32"
-	"io"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -32,12 +30,15 @@ import (
 // Files in the state directory:
 //
 //	LOCK           flock'd while a Store has the directory open
-//	snapshot       header record, then one put record per live key
+//	snapshot       header record, one put record per live key, trailer
 //	journal.<gen>  put/delete records, gen counting up from 1
 //
+//	snapshot.damaged.<time>, journal.<gen>.damaged.<time>
+//	               files that start-up found damaged, kept for the admin
+//
 // Each record is framed as: uint32 length, uint32 CRC-32C of the payload,
-// payload. A torn or corrupt record ends the file it is in: what came
-// before is kept, the problem is logged, start-up goes on.
+// payload; the snapshot's last record is a trailer with its record count.
+// Damage costs the records it is in and no more (recover.go).
 
 const (
 	opPut = 'P'
@@ -57,8 +58,15 @@ type journal struct {
 	syncInterval  time.Duration
 	compactBytes  int64
 
-	mu  sync.Mutex // guards buf and spare
+	mu  sync.Mutex // guards buf, spare, pending and the health below
 	buf []byte
+	// pending counts the records in buf, so a drop can say what it cost.
+	pending int
+	// maxBuffer bounds buf while writes fail (a full disk): past it the
+	// buffered records are dropped, and a snapshot, which the store's
+	// memory still has everything for, is owed once writes succeed.
+	maxBuffer int
+	health    health
 	// spare is the buffer flush last wrote out, handed back to buf at the
 	// next flush: records are appended at the rate of mail, and a fresh
 	// buffer each flush was a third of all allocation on the mail path.
@@ -72,7 +80,11 @@ type journal struct {
 	// snapSize is the last snapshot's size in bytes.
 	snapSize atomic.Int64
 	lock     *os.File
-	lastErr  time.Time
+	// snapRetry is when a failed snapshot may be tried again, and
+	// snapBackoff the wait after the next failure; run loop only.
+	snapRetry   time.Time
+	snapBackoff time.Duration
+	logs        limitedLog
 
 	stop chan struct{}
 	done chan struct{}
@@ -119,7 +131,24 @@ func (j *journal) put(key string, e entry) {
 	j.mu.Lock()
 	j.scratch = encodeEntry(j.scratch[:0], key, e)
 	j.buf = appendRecord(j.buf, j.scratch)
+	j.appended()
 	j.mu.Unlock()
+}
+
+// appended counts a record into buf and, when writes are failing and
+// buf is over its bound, drops it. Called with mu held.
+func (j *journal) appended() {
+	j.pending++
+	if j.health.failing && len(j.buf) > j.maxBuffer {
+		j.health.droppedRecords += int64(j.pending)
+		j.health.droppedBytes += int64(len(j.buf))
+		if !j.health.snapshotOwed {
+			j.health.snapshotOwed = true
+			j.log.Error("state journal buffer full while the disk refuses writes: dropping buffered records; the store keeps them in memory and a snapshot will write them when the disk takes writes again",
+				"dir", j.dir, "buffer_bytes", len(j.buf), "records", j.pending)
+		}
+		j.buf, j.pending = j.buf[:0], 0
+	}
 }
 
 // del records key's deletion, under its shard lock like put.
@@ -127,12 +156,13 @@ func (j *journal) del(key string) {
 	j.mu.Lock()
 	j.scratch = encodeDelete(j.scratch[:0], key)
 	j.buf = appendRecord(j.buf, j.scratch)
+	j.appended()
 	j.mu.Unlock()
 }
 
 // decodeRecord reads one payload.
 func decodeRecord(p []byte) (op byte, key string, e entry, err error) {
-	bad := errors.New("malformed record")
+	bad := errMalformed
 	if len(p) == 0 {
 		return 0, "", e, bad
 	}
@@ -192,39 +222,6 @@ func decodeRecord(p []byte) (op byte, key string, e entry, err error) {
 	return op, key, e, nil
 }
 
-// readRecords calls fn for every intact record of r; it returns why it
-// stopped early, nil at a clean end.
-func readRecords(r io.Reader, fn func(payload []byte) error) error {
-	br := bufio.NewReaderSize(r, 64<<10)
-	var hdr [8]byte
-	var payload []byte
-	for n := 0; ; n++ {
-		if _, err := io.ReadFull(br, hdr[:]); err != nil {
-			if errors.Is(err, io.EOF) {
-				return nil
-			}
-			return fmt.Errorf("record %d: torn header", n)
-		}
-		l := binary.LittleEndian.Uint32(hdr[:4])
-		if l > maxRecord {
-			return fmt.Errorf("record %d: length %d is corrupt", n, l)
-		}
-		if cap(payload) < int(l) {
-			payload = make([]byte, l)
-		}
-		payload = payload[:l]
-		if _, err := io.ReadFull(br, payload); err != nil {
-			return fmt.Errorf("record %d: torn (%d bytes announced)", n, l)
-		}
-		if crc32.Checksum(payload, crcTable) != binary.LittleEndian.Uint32(hdr[4:]) {
-			return fmt.Errorf("record %d: checksum mismatch", n)
-		}
-		if err := fn(payload); err != nil {
-			return fmt.Errorf("record %d: %w", n, err)
-		}
-	}
-}
-
 // openJournal locks dir, loads its state into s, and starts a new journal
 // generation. Problems with the files are logged and skipped: a damaged
 // state directory must never keep mail from flowing.
@@ -243,9 +240,13 @@ func openJournal(s *Store, opts Options) error {
 	j := &journal{
 		dir: opts.Dir, log: opts.Logger, lock: lock,
 		flushInterval: opts.FlushInterval, syncInterval: opts.SyncInterval, compactBytes: opts.CompactBytes,
-		stop: make(chan struct{}), done: make(chan struct{}),
+		maxBuffer: opts.MaxJournalBuffer,
+		stop:      make(chan struct{}), done: make(chan struct{}),
 	}
-	maxGen, err := j.recover(s)
+	j.logs.log = opts.Logger
+	j.health.persistedAt = time.Now()
+	maxGen, rep, err := j.recover(s, opts.MaxLoss)
+	s.loadReport = rep
 	if err == nil {
 		j.gen = maxGen + 1
 		err = j.openGen()
@@ -279,98 +280,25 @@ func (j *journal) journalGens() []uint64 {
 	return gens
 }
 
-// recover loads the snapshot and replays newer journals into s. It
-// returns the highest generation seen. Damaged files are logged and
-// skipped; the only error is running out of memory, which must stop
-// start-up rather than be taken for damage (the next snapshot would
-// then drop the records not loaded).
-func (j *journal) recover(s *Store) (uint64, error) {
-	start := time.Now()
-	now := s.nowNanos()
-	var fatal error
-	apply := func(payload []byte) error {
-		op, key, e, err := decodeRecord(payload)
-		if err != nil {
-			return err
-		}
-		sh := s.shard(key)
-		if op == opDel || e.expired(now) {
-			sh.t.del(key)
-			return nil
-		}
-		if err := sh.t.put(key, e); err != nil {
-			fatal = fmt.Errorf("loading state from %s: %w", j.dir, err)
-			return fatal
-		}
-		return nil
-	}
-	var covered uint64
-	loaded := 0
-	if f, err := os.Open(filepath.Join(j.dir, "snapshot")); err == nil {
-		if fi, err := f.Stat(); err == nil {
-			j.snapSize.Store(fi.Size())
-		}
-		first := true
-		err := readRecords(f, func(p []byte) error {
-			if first {
-				first = false
-				magic, gen, ok := strings.Cut(string(p), " ")
-				g, perr := strconv.ParseUint(gen, 10, 64)
-				if !ok || magic != snapshotMagic || perr != nil {
-					return errors.New("not a policyd snapshot")
-				}
-				covered = g
-				return nil
-			}
-			loaded++
-			return apply(p)
-		})
-		f.Close()
-		if fatal != nil {
-			return 0, fatal
-		}
-		if err != nil {
-			j.log.Error("state snapshot damaged; starting from what could be read and the journals", "file", f.Name(), "err", err, "keys", loaded)
-		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		j.log.Error("state snapshot unreadable; starting from the journals", "err", err)
-	}
-	maxGen := covered
-	replayed := 0
-	for _, g := range j.journalGens() {
-		maxGen = max(maxGen, g)
-		if g <= covered {
-			continue
-		}
-		name := filepath.Join(j.dir, "journal."+strconv.FormatUint(g, 10))
-		f, err := os.Open(name)
-		if err != nil {
-			j.log.Error("state journal unreadable; skipped", "file", name, "err", err)
-			continue
-		}
-		err = readRecords(f, func(p []byte) error { replayed++; return apply(p) })
-		f.Close()
-		if fatal != nil {
-			return 0, fatal
-		}
-		if err != nil {
-			j.log.Error("state journal damaged; kept the records before the damage", "file", name, "err", err)
-		}
-	}
-	j.log.Info("state loaded", "dir", j.dir, "keys", s.Len(), "snapshot_records", loaded, "journal_records", replayed, "took", time.Since(start).Round(time.Millisecond))
-	return maxGen, nil
-}
-
 func (j *journal) openGen() error {
-	name := filepath.Join(j.dir, "journal."+strconv.FormatUint(j.gen, 10))
-	f, err := os.OpenFile(name, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	f, err := createGen(j.dir, j.gen)
 	if err != nil {
 		return fmt.Errorf("state journal: %w", err)
 	}
 	j.f, j.size = f, 0
-	// The new file's name must survive a power failure too.
-	syncDir(j.dir)
 	return nil
+}
+
+// createGen opens journal generation gen of dir for appending.
+func createGen(dir string, gen uint64) (*os.File, error) {
+	name := filepath.Join(dir, "journal."+strconv.FormatUint(gen, 10))
+	f, err := os.OpenFile(name, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		return nil, err
+	}
+	// The new file's name must survive a power failure too.
+	syncDir(dir)
+	return f, nil
 }
 
 // syncDir makes the creation or renaming of a file in dir durable.
@@ -382,7 +310,7 @@ func syncDir(dir string) {
 }
 
 // run flushes the buffer every flushInterval, fsyncs every syncInterval,
-// and compacts when the journal has grown.
+// and snapshots when the journal has grown or a dropped buffer is owed.
 func (j *journal) run(s *Store) {
 	defer close(j.done)
 	flush := time.NewTicker(j.flushInterval)
@@ -391,7 +319,7 @@ func (j *journal) run(s *Store) {
 	// A snapshot of millions of records takes seconds: it is written on
 	// a goroutine of its own, so the journal goes on reaching the file
 	// every flushInterval meanwhile and the loss bound holds during it.
-	var snapDone chan struct{} // nil while no snapshot is being written
+	var snapDone chan error // nil while no snapshot is being written
 	for {
 		select {
 		case <-j.stop:
@@ -399,26 +327,48 @@ func (j *journal) run(s *Store) {
 				<-snapDone
 			}
 			return
-		case <-snapDone:
+		case err := <-snapDone:
 			snapDone = nil
+			if err != nil {
+				// A full disk fails every try: wait longer each time
+				// instead of rotating a new journal every tick.
+				j.snapBackoff = min(max(2*j.snapBackoff, snapshotRetryMin), snapshotRetryMax)
+				j.snapRetry = time.Now().Add(j.snapBackoff)
+				j.logs.error("snapshot", "state snapshot failed; the journals are kept, next try later", "err", err, "retry_in", j.snapBackoff)
+			} else {
+				j.snapBackoff = 0
+			}
 		case <-flush.C:
 			sync := time.Since(lastSync) >= j.syncInterval
 			if sync {
 				lastSync = time.Now()
 			}
 			j.flush(sync)
+			if snapDone != nil || time.Now().Before(j.snapRetry) {
+				continue
+			}
 			// A snapshot costs the store's size, so it waits for a journal
 			// at least as big as the last snapshot: the rewriting stays a
 			// constant share of the updates however many clients there are.
-			if snapDone == nil && j.compactBytes > 0 && j.journalSize() > max(j.compactBytes, j.snapSize.Load()) {
-				snapDone = make(chan struct{})
-				go func(done chan struct{}) {
-					defer close(done)
-					j.snapshot(s)
-				}(snapDone)
+			due := j.compactBytes > 0 && j.journalSize() > max(j.compactBytes, j.snapSize.Load())
+			if due || j.snapshotOwed() {
+				snapDone = make(chan error, 1)
+				go func(done chan error) { done <- j.snapshot(s) }(snapDone)
 			}
 		}
 	}
+}
+
+// Waits between failed snapshots; variables so tests can shorten them.
+var (
+	snapshotRetryMin = 5 * time.Second
+	snapshotRetryMax = 5 * time.Minute
+)
+
+func (j *journal) snapshotOwed() bool {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	return j.health.snapshotOwed
 }
 
 func (j *journal) journalSize() int64 {
@@ -429,8 +379,9 @@ func (j *journal) journalSize() int64 {
 
 const maxSpare = 16 << 20
 
-// flush writes the buffered records; write errors are logged at a bounded
-// rate and the records kept for the next try.
+// flush writes the buffered records; on a write error the records are
+// kept for the next try (up to maxBuffer) and the error is logged at a
+// bounded rate.
 func (j *journal) flush(sync bool) {
 	j.fmu.Lock()
 	defer j.fmu.Unlock()
@@ -438,23 +389,28 @@ func (j *journal) flush(sync bool) {
 }
 
 // flushLocked is flush with fmu held.
-func (j *journal) flushLocked(sync bool) {
+func (j *journal) flushLocked(sync bool) error {
+	started := time.Now()
 	j.mu.Lock()
-	buf := j.buf
-	j.buf, j.spare = j.spare[:0], nil
+	buf, pending := j.buf, j.pending
+	j.buf, j.spare, j.pending = j.spare[:0], nil, 0
 	j.mu.Unlock()
+	var err error
 	if len(buf) > 0 {
-		n, err := j.f.Write(buf)
+		var n int
+		n, err = j.f.Write(buf)
 		j.size += int64(n)
 		if err != nil {
-			if time.Since(j.lastErr) > 10*time.Second {
-				j.lastErr = time.Now()
-				j.log.Error("state journal write failed; retrying", "err", err)
-			}
+			// The unwritten part goes back in front of what came since;
+			// a record cut by the short write is resynchronised past on
+			// reading.
 			j.mu.Lock()
 			j.buf = append(buf[n:], j.buf...)
+			j.pending += pending
 			j.mu.Unlock()
-			return
+			err = fmt.Errorf("journal write: %w", err)
+			j.failed(started, err)
+			return err
 		}
 	}
 	// A burst's big buffer is not kept for ever.
@@ -464,38 +420,53 @@ func (j *journal) flushLocked(sync bool) {
 		j.mu.Unlock()
 	}
 	if sync {
-		if err := j.f.Sync(); err != nil && time.Since(j.lastErr) > 10*time.Second {
-			j.lastErr = time.Now()
-			j.log.Error("state journal fsync failed", "err", err)
+		if err := j.f.Sync(); err != nil {
+			err = fmt.Errorf("journal fsync: %w", err)
+			j.failed(started, err)
+			return err
 		}
 	}
+	// An empty buffer proves nothing about the disk, but leaves nothing
+	// unwritten either.
+	j.persisted(started, len(buf) > 0 || sync)
+	return nil
 }
 
 // snapshot writes every live key to a new snapshot covering the journal
 // generations up to the current one, then removes those journals.
-func (j *journal) snapshot(s *Store) {
+func (j *journal) snapshot(s *Store) error {
+	started := time.Now()
 	// The last flush into the generation the snapshot will cover, its
 	// fsync and the rotation are one step: a flush by the run loop in
 	// between would leave records in that generation that nothing fsyncs
 	// before the snapshot is done.
 	j.fmu.Lock()
-	j.flushLocked(true)
-	covered := j.gen
-	j.f.Close()
-	j.gen++
-	if err := j.openGen(); err != nil {
-		j.log.Error("state journal rotation failed", "err", err)
+	if err := j.flushLocked(true); err != nil {
+		// Rotating now would only add a generation per try.
+		j.fmu.Unlock()
+		return err
 	}
+	covered := j.gen
+	// The next generation is opened before the current one is let go: if
+	// it cannot be (a full disk), writing goes on where it was.
+	next, err := createGen(j.dir, covered+1)
+	if err != nil {
+		j.fmu.Unlock()
+		return fmt.Errorf("journal rotation: %w", err)
+	}
+	j.f.Close()
+	j.gen, j.f, j.size = covered+1, next, 0
 	j.fmu.Unlock()
 	if err := j.writeSnapshot(s, covered); err != nil {
-		j.log.Error("state snapshot failed; the journals are kept", "err", err)
-		return
+		return err
 	}
 	for _, g := range j.journalGens() {
 		if g <= covered {
 			os.Remove(filepath.Join(j.dir, "journal."+strconv.FormatUint(g, 10)))
 		}
 	}
+	j.snapshotWritten(started)
+	return nil
 }
 
 // snapshotPause, when set, is called as a snapshot starts: tests use it
@@ -517,6 +488,7 @@ func (j *journal) writeSnapshot(s *Store, covered uint64) error {
 	if p := snapshotPause.Load(); p != nil {
 		(*p)()
 	}
+	count := 0
 	for i := range s.shards {
 		sh := &s.shards[i]
 		sh.mu.Lock()
@@ -527,9 +499,13 @@ func (j *journal) writeSnapshot(s *Store, covered uint64) error {
 			payload = encodeEntry(payload[:0], sh.t.codec.unpack(packed), e())
 			rec = appendRecord(rec[:0], payload)
 			bw.Write(rec)
+			count++
 		})
 		sh.mu.Unlock()
 	}
+	// The trailer lets a reader count exactly what damage cost.
+	rec = appendRecord(rec[:0], fmt.Appendf(nil, "%s %d %d", snapshotTrailer, covered, count))
+	bw.Write(rec)
 	if err := bw.Flush(); err != nil {
 		f.Close()
 		return err
@@ -557,7 +533,9 @@ func (j *journal) writeSnapshot(s *Store, covered uint64) error {
 func (j *journal) close(s *Store) {
 	close(j.stop)
 	<-j.done
-	j.snapshot(s)
+	if err := j.snapshot(s); err != nil {
+		j.log.Error("state snapshot at stop failed; the journals are kept", "err", err)
+	}
 	j.fmu.Lock()
 	j.f.Close()
 	j.fmu.Unlock()

@@ -141,10 +141,10 @@ func TestPersistDamagedFiles(t *testing.T) {
 		}, 9, "checksum mismatch"},
 		{"garbage snapshot", func(t *testing.T, dir string) {
 			os.WriteFile(filepath.Join(dir, "snapshot"), []byte("this is not a snapshot at all"), 0o600)
-		}, 10, "state snapshot damaged"},
+		}, 10, "snapshot damaged"},
 		{"journal of zeros", func(t *testing.T, dir string) {
 			os.WriteFile(filepath.Join(dir, "journal.9"), make([]byte, 4096), 0o600)
-		}, 10, "state journal damaged"},
+		}, 10, "journal.9 damaged"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {

@@ -1,0 +1,258 @@
+package memory
+
+import (
+	"bytes"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/policyd-mail/policyd/store"
+)
+
+// snapshotDir returns a state directory whose snapshot holds n counters,
+// written by a clean Close, and the snapshot's bytes.
+func snapshotDir(t *testing.T, n int) (string, []byte) {
+	t.Helper()
+	dir := t.TempDir()
+	s := openT(t, Options{Dir: dir, SweepInterval: -1, CompactBytes: -1})
+	for i := range n {
+		if _, err := s.Incr(t.Context(), counterKey(i), int64(i+1), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	s.Close()
+	b, err := os.ReadFile(filepath.Join(dir, "snapshot"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	return dir, b
+}
+
+func counterKey(i int) string {
+	return store.Key("10.0."+strconv.Itoa(i/256)+"."+strconv.Itoa(i%256)+"/32", "client_stats", "n")
+}
+
+// reopen opens dir again and returns the store, its log and how many of
+// the first n counters came back with their value.
+func reopen(t *testing.T, dir string, n int, opts Options) (*Store, string, int) {
+	t.Helper()
+	var logs bytes.Buffer
+	opts.Dir, opts.SweepInterval = dir, -1
+	opts.Logger = slog.New(slog.NewTextHandler(&logs, nil))
+	s, err := Open(opts)
+	if err != nil {
+		t.Fatalf("Open: %v\n%s", err, logs.String())
+	}
+	t.Cleanup(func() { s.Close() })
+	got := 0
+	for i := range n {
+		if v, ok, _ := s.Get(t.Context(), counterKey(i)); ok && string(v) == strconv.Itoa(i+1) {
+			got++
+		}
+	}
+	return s, logs.String(), got
+}
+
+// One flipped byte costs the record it is in: the scan resynchronises on
+// the next frame. Before, it ended the load there, and the next snapshot
+// replaced the file, so the rest was gone for good.
+func TestSnapshotDamageCostsOnlyTheDamagedRecords(t *testing.T) {
+	const n = 5000
+	tests := []struct {
+		name    string
+		offsets []int // bytes flipped
+		lost    int   // exact loss the trailer allows counting
+	}{
+		{"one byte at offset 1000", []int{1000}, 1},
+		{"three bytes far apart", []int{1000, 40000, 90000}, 3},
+		{"a length field", []int{-1}, 1}, // -1: the length of the 100th record
+		{"the header", []int{10}, 0},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, b := snapshotDir(t, n)
+			for _, off := range tc.offsets {
+				if off < 0 {
+					off = recordOffset(t, b, 100)
+				}
+				b[off] ^= 0x5a
+			}
+			snap := filepath.Join(dir, "snapshot")
+			if err := os.WriteFile(snap, b, 0o600); err != nil {
+				t.Fatal(err)
+			}
+			s, logs, got := reopen(t, dir, n, Options{})
+			if got != n-tc.lost {
+				t.Errorf("%d of %d counters back, want %d", got, n, n-tc.lost)
+			}
+			rep := s.LoadReport()
+			if rep.Lost != tc.lost || !rep.LostExact {
+				t.Errorf("report: lost %d (exact %v), want %d exact", rep.Lost, rep.LostExact, tc.lost)
+			}
+			if want := lostText(LoadReport{Lost: tc.lost, LostExact: true}); !strings.Contains(logs, want) {
+				t.Errorf("log lacks %q:\n%s", want, logs)
+			}
+			if len(rep.Kept) != 1 || !strings.HasPrefix(rep.Kept[0], "snapshot.damaged.") {
+				t.Fatalf("kept %q, want one snapshot.damaged.*", rep.Kept)
+			}
+			// The next snapshot (here at Close) must not be the end of
+			// the damaged file: it stays as it was, beside the new one.
+			s.Close()
+			kept, err := os.ReadFile(filepath.Join(dir, rep.Kept[0]))
+			if err != nil || !bytes.Equal(kept, b) {
+				t.Fatalf("damaged snapshot not kept intact after the next snapshot (err %v, %d bytes, want %d)", err, len(kept), len(b))
+			}
+			_, logs, got = reopen(t, dir, n, Options{})
+			if got != n-tc.lost || strings.Contains(logs, "damaged") {
+				t.Errorf("after the new snapshot: %d counters back, want %d, and no damage:\n%s", got, n-tc.lost, logs)
+			}
+		})
+	}
+}
+
+// recordOffset returns the offset of the i-th frame of a record file.
+func recordOffset(t *testing.T, b []byte, i int) int {
+	t.Helper()
+	off := 0
+	for range i {
+		if off+8 > len(b) {
+			t.Fatalf("fewer than %d frames", i)
+		}
+		off += 8 + int(uint32(b[off])|uint32(b[off+1])<<8|uint32(b[off+2])<<16|uint32(b[off+3])<<24)
+	}
+	return off
+}
+
+// A snapshot that is empty, cut short or missing is reported, with what
+// it cost when that can be told.
+func TestSnapshotGoneIsReported(t *testing.T) {
+	const n = 2000
+	tests := []struct {
+		name   string
+		damage func(t *testing.T, dir string, b []byte)
+		logs   string
+		lost   int // -1: unknown
+		kept   bool
+	}{
+		{"zero length", func(t *testing.T, dir string, _ []byte) {
+			os.Truncate(filepath.Join(dir, "snapshot"), 0)
+		}, "the file is empty", -1, true},
+		{"cut in half", func(t *testing.T, dir string, b []byte) {
+			os.Truncate(filepath.Join(dir, "snapshot"), int64(len(b)/2))
+		}, "torn", -1, true},
+		{"removed, journals after it", func(t *testing.T, dir string, _ []byte) {
+			os.Remove(filepath.Join(dir, "snapshot"))
+		}, "snapshot missing", -1, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			dir, b := snapshotDir(t, n)
+			tc.damage(t, dir, b)
+			s, logs, _ := reopen(t, dir, n, Options{})
+			rep := s.LoadReport()
+			if !rep.Damaged() || !strings.Contains(logs, tc.logs) {
+				t.Errorf("damage not reported as %q:\n%s", tc.logs, logs)
+			}
+			if (tc.lost < 0) != (rep.Lost < 0) || rep.LostExact {
+				t.Errorf("report: lost %d (exact %v), want %s", rep.Lost, rep.LostExact, map[bool]string{true: "unknown", false: "an estimate"}[tc.lost < 0])
+			}
+			if (len(rep.Kept) > 0) != tc.kept {
+				t.Errorf("kept %q", rep.Kept)
+			}
+		})
+	}
+}
+
+// --state-max-loss refuses to start over its limit, and says what to do.
+func TestStateMaxLoss(t *testing.T) {
+	const n = 1000
+	tests := []struct {
+		limit   string
+		flipped int
+		refuse  bool
+	}{
+		{"", 3, false},
+		{"3", 3, false},
+		{"2", 3, true},
+		{"0.5%", 3, false},
+		{"0.2%", 3, true},
+		{"0", 0, false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.limit+"/"+strconv.Itoa(tc.flipped), func(t *testing.T) {
+			dir, b := snapshotDir(t, n)
+			for i := range tc.flipped {
+				b[recordOffset(t, b, 10+100*i)+12] ^= 1
+			}
+			os.WriteFile(filepath.Join(dir, "snapshot"), b, 0o600)
+			limit, err := ParseLossLimit(tc.limit)
+			if err != nil {
+				t.Fatal(err)
+			}
+			s, err := Open(Options{Dir: dir, SweepInterval: -1, MaxLoss: limit})
+			if s != nil {
+				defer s.Close()
+			}
+			if tc.refuse {
+				if err == nil || !strings.Contains(err.Error(), "--state-max-loss") || !strings.Contains(err.Error(), "snapshot.damaged.") {
+					t.Fatalf("Open: %v, want a refusal naming the limit and the kept file", err)
+				}
+				// Refusing must leave the directory usable by the next try.
+				s, err := Open(Options{Dir: dir, SweepInterval: -1})
+				if err != nil {
+					t.Fatalf("Open after a refusal: %v", err)
+				}
+				s.Close()
+				return
+			}
+			if err != nil {
+				t.Fatalf("Open: %v", err)
+			}
+		})
+	}
+}
+
+func TestParseLossLimit(t *testing.T) {
+	for _, tc := range []struct {
+		in, out string
+		ok      bool
+	}{
+		{"", "", true}, {"0", "0", true}, {"100", "100", true}, {"5%", "5%", true}, {"0.5%", "0.5%", true},
+		{"-1", "", false}, {"101%", "", false}, {"x", "", false}, {"NaN%", "", false}, {"1e3", "", false},
+	} {
+		l, err := ParseLossLimit(tc.in)
+		if (err == nil) != tc.ok || tc.ok && l.String() != tc.out {
+			t.Errorf("ParseLossLimit(%q) = %q, %v", tc.in, l, err)
+		}
+	}
+}
+
+// A scan through random damage never panics and never reports more good
+// records than were written.
+func FuzzScanRecords(f *testing.F) {
+	var file []byte
+	for i := range 20 {
+		file = appendRecord(file, encodeEntry(nil, counterKey(i), entry{kind: kindInt, n: int64(i)}))
+	}
+	f.Add(file, 0, byte(0))
+	f.Add(file, 37, byte(0xff))
+	f.Fuzz(func(t *testing.T, b []byte, off int, x byte) {
+		if off >= 0 && off < len(b) {
+			b = append([]byte(nil), b...)
+			b[off] ^= x
+		}
+		rep, err := scanRecords(bytes.NewReader(b), int64(len(b)), func(p []byte) error {
+			_, _, _, err := decodeRecord(p)
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if rep.goodBytes+rep.damagedBytes != int64(len(b)) {
+			t.Fatalf("good %d + damaged %d bytes != %d", rep.goodBytes, rep.damagedBytes, len(b))
+		}
+	})
+}
