@@ -145,7 +145,7 @@ func (b *Binder) Int(key string, def, min, max int64) (v int64) {
 }
 
 // IPv6Prefix binds ipv6_prefix: the network an IPv6 client is counted
-// by (ClientKey), the same setting for every rule that counts clients.
+// by (store.ClientNet), the same setting for every rule that counts clients.
 func (b *Binder) IPv6Prefix() int {
 	return int(b.Int("ipv6_prefix", DefaultIPv6Prefix, 16, 128))
 }

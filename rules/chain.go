@@ -275,6 +275,30 @@ func (c *Chain) Rules() []string {
 	return out
 }
 
+// ClientKeyer is a rule that keeps records about clients, under the
+// keys it declares (the admin API's forget finds them by their network).
+type ClientKeyer interface {
+	ClientKeys() store.Keys
+}
+
+// ClientIPv6Prefix is the widest network any rule of the chain counts an
+// IPv6 client by (ipv6_prefix): forgetting an IPv6 address forgets the
+// records of that network. DefaultIPv6Prefix when no rule counts clients.
+func (c *Chain) ClientIPv6Prefix() int {
+	bits := 0
+	for _, e := range c.entries {
+		if k, ok := e.rule.(ClientKeyer); ok {
+			if b := k.ClientKeys().IPv6Prefix(); bits == 0 || b < bits {
+				bits = b
+			}
+		}
+	}
+	if bits == 0 {
+		return DefaultIPv6Prefix
+	}
+	return bits
+}
+
 // Describe prints the effective chain: one rule per line, with every
 // setting it uses, defaults included.
 func (c *Chain) Describe() string {

@@ -2,7 +2,6 @@ package rules_test
 
 import (
 	"errors"
-	"net/netip"
 	"os"
 	"path/filepath"
 	"strings"
@@ -87,25 +86,6 @@ func TestParsePrefix(t *testing.T) {
 		}
 		if err != nil || p.String() != tc.want {
 			t.Errorf("%q = %v, %v; want %s", tc.in, p, err, tc.want)
-		}
-	}
-}
-
-func TestClientKey(t *testing.T) {
-	tests := []struct {
-		ip   string
-		bits int
-		want string
-	}{
-		{"192.0.2.1", 64, "192.0.2.1"},
-		{"::ffff:192.0.2.1", 64, "192.0.2.1"},
-		{"2001:db8:1:2:3:4:5:6", 64, "2001:db8:1:2::/64"},
-		{"2001:db8:1:2:3:4:5:6", 128, "2001:db8:1:2:3:4:5:6/128"},
-		{"2001:db8:1:2:3:4:5:6", 48, "2001:db8:1::/48"},
-	}
-	for _, tc := range tests {
-		if got := rules.ClientKey(netip.MustParseAddr(tc.ip), tc.bits); got != tc.want {
-			t.Errorf("ClientKey(%s, %d) = %s, want %s", tc.ip, tc.bits, got, tc.want)
 		}
 	}
 }

@@ -84,18 +84,3 @@ func (l *PrefixList) String() string {
 	}
 	return strings.Join(s, ",")
 }
-
-// ClientKey is the store key part for a client: the address itself for
-// IPv4, its /v6bits network for IPv6, since one IPv6 host usually owns a
-// whole /64 and would otherwise dodge every per-address limit.
-func ClientKey(a netip.Addr, v6bits int) string {
-	a = a.Unmap()
-	if a.Is4() || !a.IsValid() {
-		return a.String()
-	}
-	p, err := a.Prefix(v6bits)
-	if err != nil {
-		return a.String()
-	}
-	return p.String()
-}

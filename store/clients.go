@@ -76,48 +76,22 @@ func scanPrefix(p netip.Prefix) string {
 	return all
 }
 
-// parseClientKey takes "policyd:{tag}:rule[:N]:what" apart. The record is
-// about what when what is a network (client_stats), else about the tag.
+// parseClientKey is the rule and the network of a key about a client
+// (see key.go); ok is false for keys about no address.
 func parseClientKey(k string) (rule string, about netip.Prefix, ok bool) {
-	rest, ok := strings.CutPrefix(k, Prefix+"{")
+	p, ok := ParseKey(k)
 	if !ok {
 		return "", netip.Prefix{}, false
 	}
-	tag, rest, ok := strings.Cut(rest, "}:")
+	about, ok = p.About()
 	if !ok {
 		return "", netip.Prefix{}, false
 	}
-	about, ok = parseNet(tag)
-	if !ok {
-		return "", netip.Prefix{}, false
+	// An IPv4-mapped network is the IPv4 network, as an address is.
+	if a := about.Addr(); a.Is4In6() && about.Bits() >= 96 {
+		about = netip.PrefixFrom(a.Unmap(), about.Bits()-96)
 	}
-	rule, what, _ := strings.Cut(rest, ":")
-	// A record about a network of its own (client_stats) keeps it under
-	// its widest network's tag, so the network lies inside the tag. That
-	// tells "rule:N:what" (instance N) from an IPv6 network that starts
-	// with digits: "client_stats:1:2001:db8::/48" is instance 1, and
-	// "client_stats:2001:db8::/48" is no instance.
-	inTag := func(w string) (netip.Prefix, bool) {
-		n, ok := aboutNet(w)
-		return n, ok && n.Bits() >= about.Bits() && about.Contains(n.Addr())
-	}
-	if w, ok := inTag(what); ok {
-		return rule, w, rule != ""
-	}
-	if n, more, found := strings.Cut(what, ":"); found && n != "" && strings.Trim(n, "0123456789") == "" {
-		rule, what = rule+":"+n, more
-	}
-	if w, ok := inTag(what); ok {
-		about = w
-	}
-	return rule, about, rule != ""
-}
-
-func aboutNet(what string) (netip.Prefix, bool) {
-	if !strings.Contains(what, "/") {
-		return netip.Prefix{}, false
-	}
-	return parseNet(what)
+	return p.Rule(), about.Masked(), true
 }
 
 func parseNet(s string) (netip.Prefix, bool) {
@@ -150,18 +124,14 @@ func ParseClient(s string) (netip.Prefix, error) {
 	return p, nil
 }
 
-// ipv6Client is the network the rules count one IPv6 client by, unless
-// configured otherwise (ipv6_prefix; rules.DefaultIPv6Prefix, which the
-// store cannot import).
-const ipv6Client = 64
-
 // ForgetClient deletes what FindClient lists for p, except the records
 // about a network wider than p: those hold other clients' history too
 // (client_stats' /24 and /8, a greylisting network), so they are
 // returned as kept, and forgetting that network removes them. For an
-// IPv6 address or network narrower than /64, p's /64 counts as the
-// client: the per-client rules key IPv6 clients by it.
-func ForgetClient(ctx context.Context, st Store, p netip.Prefix) (deleted, kept []Record, err error) {
+// IPv6 address or network narrower than /v6bits, p's /v6bits network
+// counts as the client: the rules count an IPv6 client by it (the
+// chain's ClientIPv6Prefix).
+func ForgetClient(ctx context.Context, st Store, p netip.Prefix, v6bits int) (deleted, kept []Record, err error) {
 	p = p.Masked()
 	found, err := FindClient(ctx, st, p)
 	if err != nil {
@@ -170,11 +140,11 @@ func ForgetClient(ctx context.Context, st Store, p netip.Prefix) (deleted, kept 
 	// Delete takes keys of one hash tag at a time (one Cluster slot).
 	byTag := map[string][]string{}
 	var tags []string
-	// The rules count an IPv6 client by its /64 (rules.ClientKey), so
-	// forgetting an IPv6 address forgets its /64's records too.
+	// The rules count an IPv6 client by its network (store.ClientNet),
+	// so forgetting an IPv6 address forgets that network's records too.
 	own := p
-	if p.Addr().Is6() && p.Bits() > ipv6Client {
-		own = netip.PrefixFrom(p.Addr(), ipv6Client).Masked()
+	if p.Addr().Is6() && p.Bits() > v6bits {
+		own = netip.PrefixFrom(p.Addr(), v6bits).Masked()
 	}
 	for _, r := range found {
 		if r.About.Bits() < own.Bits() {

@@ -130,29 +130,3 @@ func SameTag(keys ...string) error {
 	}
 	return nil
 }
-
-// Prefix starts every key policyd writes, so a shared Redis can be inspected
-// and cleaned by pattern.
-const Prefix = "policyd:"
-
-// Key builds "policyd:{<client>}:<rule>:<what>". The braces are a Redis
-// Cluster hash tag: every key of one client lands on one slot, so a rule's
-// script touching several of them stays in one round trip.
-func Key(client, rule, what string) string {
-	var b strings.Builder
-	b.Grow(len(Prefix) + len(client) + len(rule) + len(what) + 4)
-	b.WriteString(Prefix)
-	b.WriteByte('{')
-	b.WriteString(client)
-	b.WriteString("}:")
-	b.WriteString(rule)
-	b.WriteByte(':')
-	b.WriteString(what)
-	return b.String()
-}
-
-// ClientPrefix is the start of every key of one client (see Key), for the
-// admin API's Scan.
-func ClientPrefix(client string) string {
-	return Prefix + "{" + client + "}:"
-}

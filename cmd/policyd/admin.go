@@ -83,7 +83,7 @@ func (d *daemon) adminClients(w http.ResponseWriter, r *http.Request) {
 	reply := adminReply{Client: p.String()}
 	if r.Method == http.MethodDelete {
 		var deleted, kept []store.Record
-		deleted, kept, err = store.ForgetClient(ctx, d.rawStore, p)
+		deleted, kept, err = store.ForgetClient(ctx, d.rawStore, p, d.chain.Load().ClientIPv6Prefix())
 		reply.Deleted, reply.Kept = toAdmin(deleted), toAdmin(kept)
 		reply.Records = reply.Kept
 		if err == nil {

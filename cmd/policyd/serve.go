@@ -109,7 +109,7 @@ func openStore(o options) (store.Store, error) {
 		// wrapped in store.WithTimeout. An unreachable Redis does not
 		// stop start-up: mail flows per --on-store-error until it is back.
 		redisstore.SetClientLogger(slog.Default())
-		st, err := redisstore.Open(o.storeURL, redisstore.Options{Timeout: o.storeTimeout, Logger: slog.Default()})
+		st, err := redisstore.Open(o.storeURL, redisstore.Options{Timeout: o.storeTimeout, Logger: slog.Default(), MigrateKeys: true})
 		if err != nil {
 			return nil, err
 		}

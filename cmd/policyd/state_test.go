@@ -12,6 +12,10 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/policyd-mail/policyd/internal/testredis"
+	"github.com/policyd-mail/policyd/store"
+	"github.com/policyd-mail/policyd/store/memory"
 )
 
 // A damaged snapshot, through the real binary: --state-max-loss refuses
@@ -84,4 +88,50 @@ func grepLines(s, sub string) string {
 		}
 	}
 	return strings.Join(out, "\n")
+}
+
+// An upgrade keeps client_stats' history: records an earlier policyd
+// left under the earlier key shape (a bare network after the rule), in a
+// state directory or in Redis, are found by inspect and by the rule.
+func TestUpgradeKeepsEarlierKeys(t *testing.T) {
+	const old = "policyd:{192.0.0.0/8}:client_stats:192.0.2.0/24"
+	for _, tc := range []struct {
+		name  string
+		store func(t *testing.T) []string
+	}{
+		{"memory", func(t *testing.T) []string {
+			dir := t.TempDir()
+			st, err := memory.Open(memory.Options{Dir: dir})
+			if err != nil {
+				t.Fatal(err)
+			}
+			st.HIncr(t.Context(), 0, store.FieldIncr{Key: old, Field: "permfail", Delta: 4})
+			st.Close()
+			return []string{"--state-dir", dir}
+		}},
+		{"redis", func(t *testing.T) []string {
+			srv := testredis.Start(t)
+			srv.MustDo("HINCRBY", old, "permfail", "4")
+			return []string{"--store", srv.URL()}
+		}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			d := startDaemon(t, tc.store(t)...)
+			// Redis is migrated in the background after start-up.
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				out, errs, rc := admin(t, d, "inspect", "192.0.2.9")
+				if rc != 0 {
+					t.Fatalf("inspect: rc=%d %s", rc, errs)
+				}
+				if strings.Contains(grepLines(out, "client_stats"), "192.0.2.0/24  hash") && strings.Contains(out, "permfail=4") {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("the earlier record is not found under its new key:\n%s\n%s", out, d.log.String())
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		})
+	}
 }

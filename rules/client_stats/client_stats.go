@@ -84,13 +84,13 @@ func Keys(rule string, a netip.Addr) (keys [Levels]string, ok bool) {
 	if !ok {
 		return keys, false
 	}
-	return keysOf(rule, nets), true
+	return keysOf(store.NewKeys(rule, 64), nets), true
 }
 
-func keysOf(rule string, nets [Levels]netip.Prefix) (keys [Levels]string) {
-	tag := nets[Levels-1].String()
+// keysOf: "policyd:{10.0.0.0/8}:client_stats:@10.1.2.0/24" and so on.
+func keysOf(k store.Keys, nets [Levels]netip.Prefix) (keys [Levels]string) {
 	for i, n := range nets {
-		keys[i] = store.Key(tag, rule, n.String())
+		keys[i] = k.Net(nets[Levels-1], n)
 	}
 	return keys
 }
@@ -98,6 +98,7 @@ func keysOf(rule string, nets [Levels]netip.Prefix) (keys [Levels]string) {
 // Recorder counts accepted messages and DENY answers per client network.
 type Recorder struct {
 	name    string
+	keys    store.Keys
 	store   store.Store
 	expire  time.Duration
 	pending string // transaction note: the message was accepted at data_post
@@ -105,6 +106,7 @@ type Recorder struct {
 
 var (
 	_ rules.ConnectHook  = (*Recorder)(nil)
+	_ rules.ClientKeyer  = (*Recorder)(nil)
 	_ rules.DataPostHook = (*Recorder)(nil)
 	_ rules.ResetHook    = (*Recorder)(nil)
 	_ rules.DenyObserver = (*Recorder)(nil)
@@ -114,6 +116,7 @@ var (
 func setup(b *rules.Binder, env rules.Env) (any, error) {
 	return &Recorder{
 		name:    env.Name,
+		keys:    store.NewKeys(env.Name, 64),
 		store:   env.Store,
 		expire:  b.Duration("expire", 30*24*time.Hour, time.Hour, 10*365*24*time.Hour),
 		pending: env.Name + ":accepted",
@@ -127,7 +130,7 @@ func (r *Recorder) Connect(ctx context.Context, s *rules.Session) (rules.Result,
 	if !ok {
 		return rules.Result{}, nil
 	}
-	keys := keysOf(r.name, nets)
+	keys := keysOf(r.keys, nets)
 	recs, err := r.store.HGet(ctx, keys[:]...)
 	if err != nil {
 		return rules.Result{}, fmt.Errorf("client_stats read %s: %w", keys[0], err)
@@ -189,10 +192,11 @@ func (r *Recorder) ResetTransaction(ctx context.Context, s *rules.Session) error
 // record adds one to field at every level of the client, in one call that
 // also renews every record's expiry.
 func (r *Recorder) record(ctx context.Context, client netip.Addr, field string) error {
-	keys, ok := Keys(r.name, client)
+	nets, ok := Networks(client)
 	if !ok {
 		return nil
 	}
+	keys := keysOf(r.keys, nets)
 	var incs [Levels]store.FieldIncr
 	for i, k := range keys {
 		incs[i] = store.FieldIncr{Key: k, Field: field, Delta: 1}
@@ -202,3 +206,6 @@ func (r *Recorder) record(ctx context.Context, client netip.Addr, field string) 
 	}
 	return nil
 }
+
+// ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
+func (r *Recorder) ClientKeys() store.Keys { return r.keys }

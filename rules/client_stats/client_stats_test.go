@@ -269,16 +269,16 @@ func TestExpiry(t *testing.T) {
 func TestKeys(t *testing.T) {
 	for ip, want := range map[string][clientstats.Levels]string{
 		"192.0.2.7": {
-			"policyd:{192.0.0.0/8}:client_stats:192.0.2.7/32",
-			"policyd:{192.0.0.0/8}:client_stats:192.0.2.0/24",
-			"policyd:{192.0.0.0/8}:client_stats:192.0.0.0/16",
-			"policyd:{192.0.0.0/8}:client_stats:192.0.0.0/8",
+			"policyd:{192.0.0.0/8}:client_stats:@192.0.2.7/32",
+			"policyd:{192.0.0.0/8}:client_stats:@192.0.2.0/24",
+			"policyd:{192.0.0.0/8}:client_stats:@192.0.0.0/16",
+			"policyd:{192.0.0.0/8}:client_stats:@192.0.0.0/8",
 		},
 		"2001:db8:1:2::7": {
-			"policyd:{2001:db8::/32}:client_stats:2001:db8:1:2::7/128",
-			"policyd:{2001:db8::/32}:client_stats:2001:db8:1:2::/64",
-			"policyd:{2001:db8::/32}:client_stats:2001:db8:1::/48",
-			"policyd:{2001:db8::/32}:client_stats:2001:db8::/32",
+			"policyd:{2001:db8::/32}:client_stats:@2001:db8:1:2::7/128",
+			"policyd:{2001:db8::/32}:client_stats:@2001:db8:1:2::/64",
+			"policyd:{2001:db8::/32}:client_stats:@2001:db8:1::/48",
+			"policyd:{2001:db8::/32}:client_stats:@2001:db8::/32",
 		},
 	} {
 		got, ok := clientstats.Keys("client_stats", netip.MustParseAddr(ip))

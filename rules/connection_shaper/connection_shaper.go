@@ -23,11 +23,12 @@ type Shaper struct {
 	exptime   time.Duration
 	threshold int64
 	whitelist *rules.PrefixList
-	v6bits    int
+	keys      store.Keys
 	text      string
 }
 
 var _ rules.ConnectHook = (*Shaper)(nil)
+var _ rules.ClientKeyer = (*Shaper)(nil)
 
 func setup(b *rules.Binder, env rules.Env) (any, error) {
 	s := &Shaper{
@@ -36,7 +37,7 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		exptime:   b.Duration("exptime", 60*time.Second, time.Second, 7*24*time.Hour),
 		threshold: b.Int("threshold", 10, 1, 1<<31),
 		whitelist: b.Prefixes("whitelist"),
-		v6bits:    b.IPv6Prefix(),
+		keys:      store.NewKeys(env.Name, b.IPv6Prefix()),
 	}
 	b.Obsolete("memcached_server", "counters live in policyd's store (--store)")
 	b.Obsolete("memcached_port", "counters live in policyd's store (--store)")
@@ -50,7 +51,7 @@ func (c *Shaper) Connect(ctx context.Context, s *rules.Session) (rules.Result, e
 	if s.Whitelisted() || c.whitelist.Contains(s.Client) {
 		return rules.Result{}, nil
 	}
-	key := store.Key(rules.ClientKey(s.Client, c.v6bits), c.name, "sessions")
+	key := c.keys.Client(s.Client, "sessions")
 	n, err := c.store.Incr(ctx, key, 1, c.exptime)
 	if err != nil {
 		return rules.Result{}, fmt.Errorf("connection_shaper count %s: %w", key, err)
@@ -60,3 +61,6 @@ func (c *Shaper) Connect(ctx context.Context, s *rules.Session) (rules.Result, e
 	}
 	return rules.Result{}, nil
 }
+
+// ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
+func (s *Shaper) ClientKeys() store.Keys { return s.keys }

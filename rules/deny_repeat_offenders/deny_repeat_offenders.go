@@ -31,11 +31,12 @@ type Offenders struct {
 	threshold int64
 	reset     time.Duration
 	window    time.Duration
-	v6bits    int
+	keys      store.Keys
 }
 
 var (
 	_ rules.ConnectHook  = (*Offenders)(nil)
+	_ rules.ClientKeyer  = (*Offenders)(nil)
 	_ rules.DenyObserver = (*Offenders)(nil)
 )
 
@@ -73,14 +74,14 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		threshold: b.Int("threshold", 5, 1, 1<<31),
 		reset:     b.Duration("reset", 8*time.Hour, time.Second, 365*24*time.Hour),
 		window:    b.Duration("window", 12*time.Hour, time.Second, 365*24*time.Hour),
-		v6bits:    b.IPv6Prefix(),
+		keys:      store.NewKeys(env.Name, b.IPv6Prefix()),
 	}
 	b.Obsolete("file", "offender records live in policyd's store (--store)")
 	return o, nil
 }
 
 func (o *Offenders) key(s *rules.Session) string {
-	return store.Key(rules.ClientKey(s.Client, o.v6bits), o.name, "offender")
+	return o.keys.Client(s.Client, "offender")
 }
 
 // OnDeny counts a permanent refusal by another rule. The record starts
@@ -119,3 +120,6 @@ func (o *Offenders) Connect(ctx context.Context, s *rules.Session) (rules.Result
 	}
 	return rules.Decided(rules.DenySoft, Text), nil
 }
+
+// ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
+func (o *Offenders) ClientKeys() store.Keys { return o.keys }

@@ -19,7 +19,7 @@ func TestOwnRefusalsIgnored(t *testing.T) {
 	st := memory.New(memory.Options{Now: clock.Now, SweepInterval: -1})
 	defer st.Close()
 	o := &Offenders{name: "deny_repeat_offenders:1", store: st, clock: clock, threshold: 1,
-		reset: 8 * time.Hour, window: 12 * time.Hour, v6bits: 64}
+		reset: 8 * time.Hour, window: 12 * time.Hour, keys: store.NewKeys("deny_repeat_offenders:1", 64)}
 	s := rules.NewSession(nil, "test", netip.MustParseAddr("192.0.2.1"), 1, clock.Now())
 	ctx := context.Background()
 	key := store.Key("192.0.2.1", "deny_repeat_offenders:1", "offender")

@@ -48,9 +48,11 @@ type Greylist struct {
 	refresh                time.Duration
 	remoteIP, sender, rcpt bool
 	v4bits, v6bits         int
+	keys                   store.Keys
 }
 
 var _ rules.RcptHook = (*Greylist)(nil)
+var _ rules.ClientKeyer = (*Greylist)(nil)
 
 func setup(b *rules.Binder, env rules.Env) (any, error) {
 	g := &Greylist{
@@ -67,6 +69,7 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		v4bits:   int(b.Int("ipv4_prefix", 24, 8, 32)),
 		v6bits:   b.IPv6Prefix(),
 	}
+	g.keys = store.NewKeys(env.Name, g.v6bits)
 	switch m := b.String("mode", "denysoft"); m {
 	case "denysoft":
 		g.mode = ModeDenySoft
@@ -169,10 +172,6 @@ func parse(v []byte) (state byte, t time.Time, ok bool) {
 // Cluster slot, and sender and recipient are hashed to keep keys short
 // and free of whatever bytes an address may hold.
 func (g *Greylist) key(s *rules.Session) string {
-	tag := "any"
-	if g.remoteIP {
-		tag = network(s.Client, g.v4bits, g.v6bits)
-	}
 	h := sha256.New()
 	if g.sender {
 		h.Write([]byte("s:"))
@@ -185,22 +184,23 @@ func (g *Greylist) key(s *rules.Session) string {
 		h.Write([]byte{0})
 	}
 	var sum [sha256.Size]byte
-	return store.Key(tag, g.name, "triplet:"+hex.EncodeToString(h.Sum(sum[:0])[:16]))
+	triplet := hex.EncodeToString(h.Sum(sum[:0])[:16])
+	if n, ok := network(s.Client, g.v4bits, g.v6bits); ok && g.remoteIP {
+		return g.keys.Under(n, "triplet", triplet)
+	}
+	return g.keys.Any("triplet", triplet)
 }
 
 // network is the client's network as a prefix: "192.0.2.0/24",
 // "2001:db8:1:2::/64".
-func network(a netip.Addr, v4bits, v6bits int) string {
+func network(a netip.Addr, v4bits, v6bits int) (netip.Prefix, bool) {
 	a = a.Unmap()
 	bits := v6bits
 	if a.Is4() {
 		bits = v4bits
 	}
 	p, err := a.Prefix(bits)
-	if err != nil {
-		return a.String()
-	}
-	return p.String()
+	return p, err == nil
 }
 
 // normalize compares addresses without angle brackets, in lower case.
@@ -210,3 +210,6 @@ func normalize(addr string) string {
 	a = strings.TrimSuffix(a, ">")
 	return strings.ToLower(a)
 }
+
+// ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
+func (g *Greylist) ClientKeys() store.Keys { return g.keys }

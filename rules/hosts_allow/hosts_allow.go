@@ -34,7 +34,7 @@ type HostsAllow struct {
 	log       *slog.Logger
 	max       int64 // 0: no limit, only the net list
 	lease     time.Duration
-	v6bits    int
+	keys      store.Keys
 	whitelist *rules.PrefixList
 	nets      []netAnswer
 	text      string
@@ -43,6 +43,7 @@ type HostsAllow struct {
 
 var (
 	_ rules.ConnectHook    = (*HostsAllow)(nil)
+	_ rules.ClientKeyer    = (*HostsAllow)(nil)
 	_ rules.DisconnectHook = (*HostsAllow)(nil)
 	_ rules.HeloHook       = (*HostsAllow)(nil)
 	_ rules.MailHook       = (*HostsAllow)(nil)
@@ -67,7 +68,7 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		log:       env.Logger,
 		max:       b.Int("max_conn_ip", 5, 0, 1<<31),
 		lease:     b.Duration("lease", 10*time.Minute, 10*time.Second, 24*time.Hour),
-		v6bits:    b.IPv6Prefix(),
+		keys:      store.NewKeys(env.Name, b.IPv6Prefix()),
 		whitelist: b.Prefixes("whitelist"),
 		note:      env.Name + ":slot",
 	}
@@ -148,7 +149,7 @@ func (h *HostsAllow) Connect(ctx context.Context, s *rules.Session) (rules.Resul
 	if h.max == 0 || !s.Client.IsValid() || s.Whitelisted() || h.whitelist.Contains(s.Client) {
 		return rules.Result{}, nil
 	}
-	key := store.Key(rules.ClientKey(s.Client, h.v6bits), h.name, "sessions")
+	key := h.keys.Client(s.Client, "sessions")
 	member := newMember()
 	now := h.clock.Now()
 	granted, held, err := h.store.Acquire(ctx, key, member, h.max, now, h.lease)
@@ -228,3 +229,6 @@ func (h *HostsAllow) Data(ctx context.Context, s *rules.Session) (rules.Result, 
 func (h *HostsAllow) DataPost(ctx context.Context, s *rules.Session) (rules.Result, error) {
 	return h.renew(ctx, s)
 }
+
+// ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
+func (h *HostsAllow) ClientKeys() store.Keys { return h.keys }

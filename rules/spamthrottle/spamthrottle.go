@@ -26,25 +26,26 @@ type Throttle struct {
 	store  store.Store
 	clock  rules.Clock
 	log    *slog.Logger
-	v6bits int
+	keys   store.Keys
 	def    params
 	blocks []*block // most specific first
 	note   string   // transaction note carrying what Mail read to Data
 }
 
 var (
-	_ rules.MailHook = (*Throttle)(nil)
-	_ rules.DataHook = (*Throttle)(nil)
+	_ rules.MailHook    = (*Throttle)(nil)
+	_ rules.ClientKeyer = (*Throttle)(nil)
+	_ rules.DataHook    = (*Throttle)(nil)
 )
 
 func setup(b *rules.Binder, env rules.Env) (any, error) {
 	t := &Throttle{
-		name:   env.Name,
-		store:  env.Store,
-		clock:  env.Clock,
-		log:    env.Logger,
-		v6bits: b.IPv6Prefix(),
-		note:   env.Name + ":pending",
+		name:  env.Name,
+		store: env.Store,
+		clock: env.Clock,
+		log:   env.Logger,
+		keys:  store.NewKeys(env.Name, b.IPv6Prefix()),
+		note:  env.Name + ":pending",
 	}
 	base := params{
 		st:    ms(b.Int("st", 1000, 0, maxMS)),
@@ -121,7 +122,7 @@ func (t *Throttle) Mail(ctx context.Context, s *rules.Session) (rules.Result, er
 	if p.st == 0 {
 		return rules.Result{}, nil
 	}
-	key := store.Key(rules.ClientKey(s.Client, t.v6bits), t.name, "pace")
+	key := t.keys.Client(s.Client, "pace")
 	v, ok, err := t.store.Get(ctx, key)
 	if err != nil {
 		return rules.Result{}, fmt.Errorf("spamthrottle read %s: %w", key, err)
@@ -158,3 +159,6 @@ func (t *Throttle) Data(ctx context.Context, s *rules.Session) (rules.Result, er
 	t.log.Debug("delay", "client", s.Client.String(), "block", pd.block, "delay", hold, "pace", rec.pace, "recipients", n)
 	return rules.Result{Delay: hold}, nil
 }
+
+// ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
+func (t *Throttle) ClientKeys() store.Keys { return t.keys }

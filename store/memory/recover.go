@@ -12,6 +12,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/policyd-mail/policyd/store"
 )
 
 // Recovery reads what the state directory holds, and loses no more than
@@ -42,6 +44,7 @@ var errMalformed = errors.New("malformed record")
 type LoadReport struct {
 	SnapshotRecords int // put records read from the snapshot
 	JournalRecords  int // records replayed from the journals
+	Migrated        int // records whose key was of an earlier shape (store.MigrateKey)
 	// Lost is how many records could not be read: exact when LostExact,
 	// otherwise an estimate from the damaged bytes (-1: no estimate,
 	// everything the file held may be gone).
@@ -351,6 +354,12 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 		if err != nil {
 			return err
 		}
+		// A state directory of an earlier version: its keys of an
+		// earlier shape take the grammar's (store/key.go).
+		if k, ok := store.MigrateKey(key); ok {
+			key = k
+			rep.Migrated++
+		}
 		sh := s.shard(key)
 		if op == opDel || e.expired(now) {
 			sh.t.del(key)
@@ -492,7 +501,7 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 		j.log.Error("state directory damaged; started from every record that could be read",
 			"dir", j.dir, "problems", strings.Join(rep.Problems, "; "), "records_lost", lostText(rep), "kept", strings.Join(rep.Kept, " "))
 	}
-	j.log.Info("state loaded", "dir", j.dir, "keys", s.Len(), "snapshot_records", rep.SnapshotRecords, "journal_records", rep.JournalRecords, "took", time.Since(start).Round(time.Millisecond))
+	j.log.Info("state loaded", "dir", j.dir, "keys", s.Len(), "snapshot_records", rep.SnapshotRecords, "journal_records", rep.JournalRecords, "migrated_keys", rep.Migrated, "took", time.Since(start).Round(time.Millisecond))
 	if why := limit.exceeded(rep); why != "" {
 		return 0, rep, fmt.Errorf("state directory %s damaged: %s (--state-max-loss %s); the damaged files are kept as %s: raise the limit, or move them away, to start anyway",
 			j.dir, why, limit, strings.Join(rep.Kept, ", "))

@@ -3,6 +3,7 @@ package memory
 import (
 	"bytes"
 	"log/slog"
+	"net/netip"
 	"os"
 	"path/filepath"
 	"strconv"
@@ -255,4 +256,41 @@ func FuzzScanRecords(f *testing.F) {
 			t.Fatalf("good %d + damaged %d bytes != %d", rep.goodBytes, rep.damagedBytes, len(b))
 		}
 	})
+}
+
+// A state directory written before @NET: client_stats' records come
+// back under the grammar's keys, with their counts, and the admin API
+// finds them.
+func TestLoadMigratesEarlierKeys(t *testing.T) {
+	dir := t.TempDir()
+	s := openT(t, Options{Dir: dir, SweepInterval: -1, CompactBytes: -1})
+	old := store.Key("192.0.0.0/8", "client_stats", "192.0.2.0/24")
+	oldInst := store.Key("2001:db8::/32", "client_stats:1", "2001:db8:1::/48")
+	shaper := store.Key("192.0.2.7", "connection_shaper", "sessions")
+	ctx := t.Context()
+	s.HIncr(ctx, 0, store.FieldIncr{Key: old, Field: "success", Delta: 3})
+	s.HIncr(ctx, 0, store.FieldIncr{Key: oldInst, Field: "permfail", Delta: 2})
+	s.Incr(ctx, shaper, 5, 0)
+	s.j.flush(true)
+	crash(s) // the journal holds them: no snapshot rewrote anything
+	s2, logs, _ := reopen(t, dir, 0, Options{})
+	if got := s2.LoadReport().Migrated; got != 2 {
+		t.Errorf("%d keys migrated, want 2\n%s", got, logs)
+	}
+	for k, want := range map[string]map[string]int64{
+		"policyd:{192.0.0.0/8}:client_stats:@192.0.2.0/24":        {"success": 3},
+		"policyd:{2001:db8::/32}:client_stats:1:@2001:db8:1::/48": {"permfail": 2},
+	} {
+		recs, err := s2.HGet(ctx, k)
+		if err != nil || recs[0]["success"] != want["success"] || recs[0]["permfail"] != want["permfail"] {
+			t.Errorf("%s = %v, %v; want %v", k, recs, err, want)
+		}
+	}
+	if v, _, _ := s2.Get(ctx, shaper); string(v) != "5" {
+		t.Errorf("%s = %q, want 5", shaper, v)
+	}
+	found, err := store.FindClient(ctx, s2, netip.MustParsePrefix("192.0.2.7/32"))
+	if err != nil || len(found) != 2 {
+		t.Errorf("FindClient after migration: %v, %v; want the shaper and the /24 record", found, err)
+	}
 }

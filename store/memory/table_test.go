@@ -5,6 +5,7 @@ import (
 	"errors"
 	"hash/maphash"
 	"math/rand/v2"
+	"net/netip"
 	"strconv"
 	"strings"
 	"testing"
@@ -20,12 +21,17 @@ func TestKeyPacking(t *testing.T) {
 		maxSize int // 0: no bound checked
 	}{
 		{store.Key("192.0.2.1", "connection_shaper", "sessions"), 8},
-		{store.Key("10.0.0.0/8", "client_stats", "10.1.2.3/32"), 14},
+		{store.Key("10.0.0.0/8", "client_stats", "@10.1.2.3/32"), 14},
 		{store.Key("2001:db8:1:2::/64", "deny_repeat_offenders", "offender"), 21},
 		{store.Key("2001:db8::1", "r", "2001:db8::/32"), 0},
 		// Numbered rule instances: the number belongs to the rule's word.
-		{store.Key("10.0.0.0/8", "client_stats:1", "10.1.2.3/32"), 14},
-		{store.Key("10.0.0.0/8", "client_stats:12", "2001:db8::/64"), 0},
+		{store.Key("10.0.0.0/8", "client_stats:1", "@10.1.2.3/32"), 14},
+		{store.Key("10.0.0.0/8", "client_stats:12", "@2001:db8::/64"), 0},
+		{store.Key("2001:db8::/32", "client_stats:1", "@2001:db8:1::/48"), 0},
+		{store.Key("sasl_username=alice%3A%7B%7D", "ratelimit:2", "recipient_domain=example.org:messages"), 0},
+		{store.Key("any", "script", "=x"), 0},
+		// The earlier shape of client_stats: outside the grammar, kept raw.
+		{store.Key("10.0.0.0/8", "client_stats", "10.1.2.3/32"), 0},
 		{store.Key("192.0.2.1", "greylisting:3", "triplet:00ff"), 0},
 		{store.Key("192.0.2.1", "r", "12345:x"), 0},
 		{store.Key("192.0.2.1", "r", "1:"), 0},
@@ -98,7 +104,7 @@ func TestKeyPackingDictionaryStaysSmall(t *testing.T) {
 	for i := range 5000 {
 		a := "10." + strconv.Itoa(i>>16&255) + "." + strconv.Itoa(i>>8&255) + "." + strconv.Itoa(i&255)
 		for _, k := range []string{
-			store.Key("10.0.0.0/8", "client_stats:1", a+"/32"),
+			store.Key("10.0.0.0/8", "client_stats:1", "@"+a+"/32"),
 			store.Key("10.0.0.0/8", "client_stats", "1:"+a+"/32"),
 			store.Key(a, "connection_shaper", "sessions"),
 			store.Key("any", "greylisting", "triplet:"+strconv.Itoa(i)),
@@ -348,5 +354,46 @@ func TestUntaggedKeysSpread(t *testing.T) {
 	}
 	if avg := float64(dist) / float64(n); avg > 2 {
 		t.Errorf("records sit %.1f slots past their home on average, want about 1 at this load", avg)
+	}
+}
+
+// User text in keys (logins, senders, a script's own keys, IPv6 text)
+// never enters the dictionary: after 100 000 of them the rules' words
+// are still interned, and every key unpacks to itself.
+func TestKeyPackingUserText(t *testing.T) {
+	c := newKeyCodec()
+	r := rand.New(rand.NewPCG(3, 4))
+	rl := store.NewKeys("ratelimit:1", 64)
+	script := store.NewKeys("my_script", 64)
+	text := func() string {
+		b := make([]byte, r.IntN(30))
+		for i := range b {
+			b[i] = "abcxyz:{}=%@.0123456789 \xff"[r.IntN(25)]
+		}
+		return string(b)
+	}
+	for i := range 100_000 {
+		var a [16]byte
+		for j := range a {
+			a[j] = byte(r.IntN(256))
+		}
+		v6 := netip.AddrFrom16(a)
+		for _, k := range []string{
+			rl.Value("sasl_username", text(), "messages"),
+			rl.Value("sender", text()+"@example.org", store.ValueSeg("recipient_domain", text()), "recipients"),
+			script.Client(v6, "own", store.ValueSeg("key", v6.String())),
+			script.Any("own", store.ValueSeg("key", "word"+strconv.Itoa(i))),
+		} {
+			if got := c.unpack(c.pack(nil, k)); got != k {
+				t.Fatalf("unpack(pack(%q)) = %q", k, got)
+			}
+		}
+	}
+	words := *c.words.Load()
+	if len(words) > 10 {
+		t.Errorf("the dictionary holds %d words: %q…", len(words), words[:10])
+	}
+	if p := c.pack(nil, store.NewKeys("connection_shaper", 64).Client(netip.MustParseAddr("192.0.2.1"), "sessions")); len(p) > 8 {
+		t.Errorf("a connection_shaper key packs into %d bytes after the flood, want <= 8 (its words interned)", len(p))
 	}
 }

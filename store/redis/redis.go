@@ -47,6 +47,9 @@ type Options struct {
 	// PoolSize is the number of connections per server; 0 means go-redis's
 	// default (10 per CPU).
 	PoolSize int
+	// MigrateKeys runs MigrateKeys once in the background when Redis
+	// answers at Open (the daemon sets it; tests that count commands do not).
+	MigrateKeys bool
 	// Logger receives the breaker's transitions and, at a bounded rate,
 	// failures. nil discards.
 	Logger *slog.Logger
@@ -132,6 +135,9 @@ func Open(url string, opts Options) (*Store, error) {
 		s.trip(s.main)
 	} else {
 		s.log.Info("redis store ready", "mode", string(t.Mode), "timeout", opts.Timeout)
+		if opts.MigrateKeys {
+			s.migrateInBackground()
+		}
 	}
 	return s, nil
 }

@@ -178,3 +178,53 @@ func TestErrors(t *testing.T) {
 		t.Fatal("a wrong type made the store unhealthy")
 	}
 }
+
+// Keys of the earlier client_stats shape, as an earlier policyd left
+// them in Redis, move to the grammar's keys; counts already under the
+// new key are added to, not replaced.
+func TestMigrateKeys(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		url  func(t *testing.T) string
+	}{
+		{"single", func(t *testing.T) string { return testredis.Start(t).URL() }},
+		{"cluster", func(t *testing.T) string { return testredis.StartCluster(t).URL() }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			s := open(t, tc.url(t), Options{})
+			ctx := context.Background()
+			old24 := store.Key("192.0.0.0/8", "client_stats", "192.0.2.0/24")
+			old48 := store.Key("2001:db8::/32", "client_stats:1", "2001:db8:1::/48")
+			new24 := "policyd:{192.0.0.0/8}:client_stats:@192.0.2.0/24"
+			new48 := "policyd:{2001:db8::/32}:client_stats:1:@2001:db8:1::/48"
+			mustNo(t, func() error {
+				return s.HIncr(ctx, time.Hour, store.FieldIncr{Key: old24, Field: "success", Delta: 3})
+			})
+			mustNo(t, func() error {
+				return s.HIncr(ctx, time.Hour, store.FieldIncr{Key: old48, Field: "permfail", Delta: 2})
+			})
+			mustNo(t, func() error {
+				return s.HIncr(ctx, time.Hour, store.FieldIncr{Key: new48, Field: "permfail", Delta: 5})
+			})
+			if _, err := s.MigrateKeys(ctx); err != nil {
+				t.Fatal(err)
+			}
+			recs, err := s.HGet(ctx, new24)
+			if err != nil || recs[0]["success"] != 3 {
+				t.Errorf("%s = %v, %v; want success 3", new24, recs, err)
+			}
+			recs, err = s.HGet(ctx, new48)
+			if err != nil || recs[0]["permfail"] != 7 {
+				t.Errorf("%s = %v, %v; want permfail 2+5", new48, recs, err)
+			}
+			for _, k := range []string{old24, old48} {
+				if recs, _ := s.HGet(ctx, k); recs[0] != nil {
+					t.Errorf("%s still there: %v", k, recs[0])
+				}
+			}
+			if n, err := s.MigrateKeys(ctx); n != 0 || err != nil {
+				t.Errorf("second MigrateKeys = %d, %v; want nothing to do", n, err)
+			}
+		})
+	}
+}

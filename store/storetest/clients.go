@@ -26,19 +26,19 @@ func testFindClient(t *testing.T, r *runner) {
 	other64 := netip.PrefixFrom(other, 64).Masked()
 	net32 := netip.PrefixFrom(a, 32).Masked()
 
-	mk := func(tag, rule, what string) string {
-		k := store.Key(tag, rule, what)
+	mk := func(k string) string {
 		e.mu.Lock()
 		e.keys = append(e.keys, k)
 		e.mu.Unlock()
 		return k
 	}
-	shaper := mk(net64.String(), "connection_shaper", "sessions")
-	offender := mk(net64.String(), "deny_repeat_offenders:1", "offender")
-	stats64 := mk(net32.String(), "client_stats", net64.String())
-	stats32 := mk(net32.String(), "client_stats", net32.String())
-	otherShaper := mk(other64.String(), "connection_shaper", "sessions")
-	otherStats := mk(net32.String(), "client_stats", other64.String())
+	stats := store.NewKeys("client_stats", 64)
+	shaper := mk(store.NewKeys("connection_shaper", 64).Client(a, "sessions"))
+	offender := mk(store.NewKeys("deny_repeat_offenders:1", 64).Client(a, "offender"))
+	stats64 := mk(stats.Net(net32, net64))
+	stats32 := mk(stats.Net(net32, net32))
+	otherShaper := mk(store.NewKeys("connection_shaper", 64).Client(other, "sessions"))
+	otherStats := mk(stats.Net(net32, other64))
 	e.wantIncr(shaper, 2, longTTL, 2)
 	e.wantIncr(otherShaper, 1, longTTL, 1)
 	if _, err := e.s.Tally(e.ctx, offender, t0, longTTL, longTTL); err != nil {
@@ -86,7 +86,7 @@ func testFindClient(t *testing.T, r *runner) {
 
 	// Forgetting the address forgets its /64: the rules count an IPv6
 	// client by it.
-	deleted, kept, err := store.ForgetClient(e.ctx, e.s, netip.PrefixFrom(a, 128))
+	deleted, kept, err := store.ForgetClient(e.ctx, e.s, netip.PrefixFrom(a, 128), 64)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -132,14 +132,13 @@ func clientAddr(c int) netip.Addr {
 
 // counterKey is connection_shaper's key, policyd:{10.1.2.3}:connection_shaper:sessions.
 func counterKey(c int) string {
-	return store.Key(clientAddr(c).String(), "connection_shaper", "sessions")
+	return store.NewKeys("connection_shaper", 64).Client(clientAddr(c), "sessions")
 }
 
-// statsKey is client_stats' /32 record, policyd:{10.0.0.0/8}:client_stats:10.1.2.3/32.
+// statsKey is client_stats' /32 record, policyd:{10.0.0.0/8}:client_stats:@10.1.2.3/32.
 func statsKey(c int) string {
 	a := clientAddr(c)
-	tag := netip.PrefixFrom(a, 8).Masked().String()
-	return store.Key(tag, "client_stats", a.String()+"/32")
+	return store.NewKeys("client_stats", 64).Net(netip.PrefixFrom(a, 8).Masked(), netip.PrefixFrom(a, 32))
 }
 
 // The memory store: the daemon's own code, default options (journal
