@@ -27,7 +27,7 @@ type session struct {
 	srv    *Server
 	conn   *conn
 	mu     sync.Mutex
-	s      *rules.Session
+	s      *rules.Conversation
 	macros map[string]string
 }
 
@@ -68,7 +68,7 @@ func (m *session) Connect(host, family string, port uint16, addr net.IP, mod *go
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	m.merge(mod)
-	m.s = rules.NewSession(m.srv.chain(), "milter", clientAddr(addr, m.macros), int(port), m.srv.cfg.Clock.Now())
+	m.s = rules.NewConversation(m.srv.chain(), "milter", clientAddr(addr, m.macros), int(port), m.srv.cfg.Clock.Now())
 	m.s.ClientName = host
 	m.s.ID = strconv.FormatUint(m.conn.id, 10)
 	d := m.s.Connect(context.Background())
@@ -98,7 +98,7 @@ func (m *session) Helo(name string, mod *gomilter.Modifier) (gomilter.Response, 
 	if m.s == nil {
 		return gomilter.RespContinue, nil
 	}
-	return m.answer(m.s.SayHelo(context.Background(), name), stageHelo)
+	return m.answer(m.s.Helo(context.Background(), name), stageHelo)
 }
 
 // MailFrom starts a transaction and runs the mail hook.

@@ -72,7 +72,7 @@ func replayOnce(ctx context.Context, ts *tracked, req *Request, st stage) outcom
 	if !s.Connected() && o.add(s.Connect(ctx)) {
 		return o
 	}
-	if req.HeloName != "" && !s.HeloRan(req.HeloName) && o.add(s.SayHelo(ctx, req.HeloName)) {
+	if req.HeloName != "" && !s.HeloRan(req.HeloName) && o.add(s.Helo(ctx, req.HeloName)) {
 		return o
 	}
 	if d, refused := s.Refusal(); refused {

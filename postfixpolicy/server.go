@@ -456,7 +456,7 @@ func (s *Server) answerFor(req *Request, tg target, ok bool) (string, time.Durat
 		return "DUNNO", 0
 	}
 	for {
-		ts := s.tracker.get(tg.key, s.cfg.Clock.Now(), func() *rules.Session { return s.newSession(tg.key, req, tg.addr) })
+		ts := s.tracker.get(tg.key, s.cfg.Clock.Now(), func() *rules.Conversation { return s.newSession(tg.key, req, tg.addr) })
 		o, ok := s.answerLocked(ts, tg.key, req, tg.addr, tg.st)
 		if ok {
 			return action(o.d), o.delay
@@ -465,9 +465,9 @@ func (s *Server) answerFor(req *Request, tg target, ok bool) (string, time.Durat
 	}
 }
 
-func (s *Server) newSession(key sessionKey, req *Request, addr netip.Addr) *rules.Session {
+func (s *Server) newSession(key sessionKey, req *Request, addr netip.Addr) *rules.Conversation {
 	port, _ := strconv.Atoi(req.ClientPort)
-	sess := rules.NewSession(s.chain(), "policy", addr, port, s.cfg.Clock.Now())
+	sess := rules.NewConversation(s.chain(), "policy", addr, port, s.cfg.Clock.Now())
 	sess.ID = key.client + ":" + key.port
 	return sess
 }
@@ -489,7 +489,7 @@ func (s *Server) answerLocked(ts *tracked, key sessionKey, req *Request, addr ne
 	return replay(ctx, ts, req, st), true
 }
 
-func fillSession(sess *rules.Session, req *Request) {
+func fillSession(sess *rules.Conversation, req *Request) {
 	if req.ClientName != "" {
 		sess.ClientName = req.ClientName
 	}

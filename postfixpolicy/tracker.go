@@ -21,7 +21,7 @@ type sessionKey struct {
 type tracked struct {
 	mu     sync.Mutex
 	key    sessionKey
-	s      *rules.Session
+	s      *rules.Conversation
 	elem   *list.Element
 	seen   time.Time // last request, for idle expiry; guarded by tracker.mu
 	closed bool      // evicted: the session is over
@@ -35,7 +35,7 @@ type tracked struct {
 }
 
 // restart forgets the ended session and tracks sess under the same key.
-func (ts *tracked) restart(sess *rules.Session) {
+func (ts *tracked) restart(sess *rules.Conversation) {
 	ts.s = sess
 	ts.instance, ts.lastDone, ts.pid = "", "", ""
 	ts.rcptRun = false
@@ -71,7 +71,7 @@ func newTracker(max int, idle time.Duration, onEnd func(*tracked)) *tracker {
 
 // get returns the session for key, creating it with mk. It also evicts
 // sessions over the bound or idle too long.
-func (t *tracker) get(key sessionKey, now time.Time, mk func() *rules.Session) *tracked {
+func (t *tracker) get(key sessionKey, now time.Time, mk func() *rules.Conversation) *tracked {
 	t.mu.Lock()
 	ts, ok := t.m[key]
 	if ok {

@@ -44,7 +44,9 @@ func TestTrackerBoundsAndEnds(t *testing.T) {
 	now := time.Unix(1_000_000, 0)
 	srv := &Server{}
 	tr := newTracker(3, time.Minute, srv.endSession)
-	mk := func() *rules.Session { return rules.NewSession(c, "policy", netip.MustParseAddr("192.0.2.1"), 1, now) }
+	mk := func() *rules.Conversation {
+		return rules.NewConversation(c, "policy", netip.MustParseAddr("192.0.2.1"), 1, now)
+	}
 	ctx := context.Background()
 	var keep []*tracked
 	for i := range 5 {

@@ -17,10 +17,10 @@ func BenchmarkRunDefaultChain(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	s := rules.NewSession(c, "bench", mustAddr("192.0.2.1"), 1, c.Now())
+	s := rules.NewConversation(c, "bench", mustAddr("192.0.2.1"), 1, c.Now())
 	b.ReportAllocs()
 	for b.Loop() {
-		c.Run(b.Context(), rules.HookConnect, s)
+		c.Run(b.Context(), rules.HookConnect, s.Session)
 	}
 }
 

@@ -319,7 +319,7 @@ func TestPanicsAreCounted(t *testing.T) {
 func TestDecisionLogLine(t *testing.T) {
 	h := rulestest.New(t, `probe answer DENYSOFT say "slow down"`, nil)
 	s := h.Session("192.0.2.7")
-	s.Helo = "mx.example"
+	s.Session.Helo = "mx.example"
 	s.Begin("1").QueueID = "ABC123"
 	s.Txn.Sender = "a@example.org"
 	h.Run(rules.HookRcpt, s)

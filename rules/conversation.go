@@ -1,12 +1,29 @@
 package rules
 
-import "context"
+import (
+	"context"
+	"net/netip"
+	"time"
+)
 
-// The methods below are the one session model both front-ends share
-// (SPEC §3): they run each hook at the point of the SMTP dialogue it
-// belongs to, once, and remember refusals the way an SMTP server would
-// answer the client afterwards. A front-end only decides which of them an
-// MTA event stands for.
+// Conversation drives one SMTP session through the chain: the one session
+// model both front-ends share (SPEC §3). Its methods run each hook at the
+// point of the SMTP dialogue it belongs to, once, and remember refusals
+// the way an SMTP server would answer the client afterwards. A front-end
+// only decides which of them an MTA event stands for.
+//
+// It is the front-ends' type: a rule is given the *Session, which has no
+// way back to the Conversation, so no rule can re-enter the chain.
+type Conversation struct {
+	*Session
+}
+
+// NewConversation starts the session of a client that connected at now
+// on chain c.
+func NewConversation(c *Chain, protocol string, client netip.Addr, port int, now time.Time) *Conversation {
+	return &Conversation{Session: newSession(c, protocol, client, port, now)}
+}
+
 //
 // Sticky refusals: a refused connect holds for the whole session; a
 // refused HELO until the next HELO; a refused MAIL for its transaction; a
@@ -37,14 +54,14 @@ func repeat(d *Decision) Decision {
 }
 
 // Connected reports whether the connect hook ran.
-func (s *Session) Connected() bool { return s.st.connected }
+func (s *Conversation) Connected() bool { return s.st.connected }
 
 // HeloRan reports whether the helo hook ran for name.
-func (s *Session) HeloRan(name string) bool { return s.st.heloRun && s.Helo == name }
+func (s *Conversation) HeloRan(name string) bool { return s.st.heloRun && s.Session.Helo == name }
 
 // Refusal returns the refusal that holds for the session right now
 // (connect, then helo), if any.
-func (s *Session) Refusal() (Decision, bool) {
+func (s *Conversation) Refusal() (Decision, bool) {
 	switch {
 	case s.st.connDeny != nil:
 		return repeat(s.st.connDeny), true
@@ -55,28 +72,28 @@ func (s *Session) Refusal() (Decision, bool) {
 }
 
 // Connect runs the connect hook, once per session.
-func (s *Session) Connect(ctx context.Context) Decision {
+func (s *Conversation) Connect(ctx context.Context) Decision {
 	if s.st.connected {
 		d, _ := s.Refusal()
 		return d
 	}
 	s.st.connected = true
-	d := s.chain.Run(ctx, HookConnect, s)
+	d := s.chain.Run(ctx, HookConnect, s.Session)
 	if d.Refuses() {
 		s.st.connDeny = &d
 	}
 	return d
 }
 
-// SayHelo records the client's HELO name and runs the helo hook for it.
-func (s *Session) SayHelo(ctx context.Context, name string) Decision {
+// Helo records the client's HELO name and runs the helo hook for it.
+func (s *Conversation) Helo(ctx context.Context, name string) Decision {
 	if s.st.connDeny != nil {
 		return repeat(s.st.connDeny)
 	}
-	s.Helo = name
+	s.Session.Helo = name
 	s.st.heloRun = true
 	s.st.heloDeny = nil
-	d := s.chain.Run(ctx, HookHelo, s)
+	d := s.chain.Run(ctx, HookHelo, s.Session)
 	if d.Refuses() {
 		s.st.heloDeny = &d
 	}
@@ -91,7 +108,7 @@ type MailFrom struct {
 }
 
 // Mail ends any open transaction, starts a new one and runs the mail hook.
-func (s *Session) Mail(ctx context.Context, m MailFrom) Decision {
+func (s *Conversation) Mail(ctx context.Context, m MailFrom) Decision {
 	s.Reset(ctx)
 	txn := s.Begin(m.ID)
 	txn.Sender, txn.QueueID = m.Sender, m.QueueID
@@ -99,7 +116,7 @@ func (s *Session) Mail(ctx context.Context, m MailFrom) Decision {
 		return d
 	}
 	txn.st.mailRun = true
-	d := s.chain.Run(ctx, HookMail, s)
+	d := s.chain.Run(ctx, HookMail, s.Session)
 	if d.Refuses() {
 		txn.st.mailDeny = &d
 	}
@@ -107,7 +124,7 @@ func (s *Session) Mail(ctx context.Context, m MailFrom) Decision {
 }
 
 // txnRefusal is the refusal that holds for the open transaction.
-func (s *Session) txnRefusal() (Decision, bool) {
+func (s *Conversation) txnRefusal() (Decision, bool) {
 	if d, ok := s.Refusal(); ok {
 		return d, true
 	}
@@ -118,7 +135,7 @@ func (s *Session) txnRefusal() (Decision, bool) {
 }
 
 // Rcpt runs the rcpt hook for one recipient of the open transaction.
-func (s *Session) Rcpt(ctx context.Context, rcpt string) Decision {
+func (s *Conversation) Rcpt(ctx context.Context, rcpt string) Decision {
 	if s.Txn == nil {
 		return Decision{Hook: HookRcpt}
 	}
@@ -126,7 +143,7 @@ func (s *Session) Rcpt(ctx context.Context, rcpt string) Decision {
 		return d
 	}
 	s.Txn.Rcpt = rcpt
-	d := s.chain.Run(ctx, HookRcpt, s)
+	d := s.chain.Run(ctx, HookRcpt, s.Session)
 	if !d.Refuses() {
 		s.Txn.Rcpts = append(s.Txn.Rcpts, rcpt)
 	}
@@ -134,7 +151,7 @@ func (s *Session) Rcpt(ctx context.Context, rcpt string) Decision {
 }
 
 // Data runs the data hook, once per transaction.
-func (s *Session) Data(ctx context.Context) Decision {
+func (s *Conversation) Data(ctx context.Context) Decision {
 	if s.Txn == nil {
 		return Decision{Hook: HookData}
 	}
@@ -148,7 +165,7 @@ func (s *Session) Data(ctx context.Context) Decision {
 		return Decision{Hook: HookData}
 	}
 	s.Txn.st.dataRun = true
-	d := s.chain.Run(ctx, HookData, s)
+	d := s.chain.Run(ctx, HookData, s.Session)
 	if d.Refuses() {
 		s.Txn.st.dataDeny = &d
 	}
@@ -157,7 +174,7 @@ func (s *Session) Data(ctx context.Context) Decision {
 
 // DataPost runs data (if it has not run) and data_post at the end of the
 // message, then ends the transaction.
-func (s *Session) DataPost(ctx context.Context) Decision {
+func (s *Conversation) DataPost(ctx context.Context) Decision {
 	if s.Txn == nil {
 		return Decision{Hook: HookDataPost}
 	}
@@ -165,7 +182,7 @@ func (s *Session) DataPost(ctx context.Context) Decision {
 	if !d.Refuses() {
 		// A delay the data hook decided here (no DATA event came first)
 		// must not be lost: it adds to data_post's.
-		dp := s.chain.Run(ctx, HookDataPost, s)
+		dp := s.chain.Run(ctx, HookDataPost, s.Session)
 		dp.Delay += d.Delay
 		d = dp
 	}
@@ -174,25 +191,25 @@ func (s *Session) DataPost(ctx context.Context) Decision {
 }
 
 // Reset ends the open transaction, if any (RSET, abort, end of message).
-func (s *Session) Reset(ctx context.Context) {
+func (s *Conversation) Reset(ctx context.Context) {
 	if s.Txn == nil {
 		return
 	}
 	if s.Txn.st.mailRun {
-		s.chain.Run(ctx, HookResetTransaction, s)
+		s.chain.Run(ctx, HookResetTransaction, s.Session)
 	}
 	s.Txn = nil
 }
 
 // End closes the session: the open transaction is reset and the
 // disconnect hook runs, once.
-func (s *Session) End(ctx context.Context) {
+func (s *Conversation) End(ctx context.Context) {
 	if s.st.ended {
 		return
 	}
 	s.st.ended = true
 	s.Reset(ctx)
 	if s.st.connected {
-		s.chain.Run(ctx, HookDisconnect, s)
+		s.chain.Run(ctx, HookDisconnect, s.Session)
 	}
 }

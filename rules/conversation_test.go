@@ -13,17 +13,17 @@ import (
 // the probe rule records what runs.
 func TestConversation(t *testing.T) {
 	ctx := context.Background()
-	type step func(s *rules.Session) rules.Decision
-	connect := func(s *rules.Session) rules.Decision { return s.Connect(ctx) }
-	helo := func(name string) step { return func(s *rules.Session) rules.Decision { return s.SayHelo(ctx, name) } }
+	type step func(s *rules.Conversation) rules.Decision
+	connect := func(s *rules.Conversation) rules.Decision { return s.Connect(ctx) }
+	helo := func(name string) step { return func(s *rules.Conversation) rules.Decision { return s.Helo(ctx, name) } }
 	mail := func(from string) step {
-		return func(s *rules.Session) rules.Decision { return s.Mail(ctx, rules.MailFrom{Sender: from}) }
+		return func(s *rules.Conversation) rules.Decision { return s.Mail(ctx, rules.MailFrom{Sender: from}) }
 	}
-	rcpt := func(to string) step { return func(s *rules.Session) rules.Decision { return s.Rcpt(ctx, to) } }
-	data := func(s *rules.Session) rules.Decision { return s.Data(ctx) }
-	eom := func(s *rules.Session) rules.Decision { return s.DataPost(ctx) }
-	rset := func(s *rules.Session) rules.Decision { s.Reset(ctx); return rules.Decision{} }
-	end := func(s *rules.Session) rules.Decision { s.End(ctx); return rules.Decision{} }
+	rcpt := func(to string) step { return func(s *rules.Conversation) rules.Decision { return s.Rcpt(ctx, to) } }
+	data := func(s *rules.Conversation) rules.Decision { return s.Data(ctx) }
+	eom := func(s *rules.Conversation) rules.Decision { return s.DataPost(ctx) }
+	rset := func(s *rules.Conversation) rules.Decision { s.Reset(ctx); return rules.Decision{} }
+	end := func(s *rules.Conversation) rules.Decision { s.End(ctx); return rules.Decision{} }
 
 	tests := []struct {
 		name    string

@@ -41,8 +41,13 @@ type Transaction struct {
 	st      txnState
 }
 
-// NewSession starts a session that will run on chain c until it ends.
+// NewSession is a session on chain c without its driver, for a tool or a
+// test that calls a rule's hook itself; front-ends use NewConversation.
 func NewSession(c *Chain, protocol string, client netip.Addr, port int, now time.Time) *Session {
+	return newSession(c, protocol, client, port, now)
+}
+
+func newSession(c *Chain, protocol string, client netip.Addr, port int, now time.Time) *Session {
 	return &Session{Protocol: protocol, Client: client.Unmap(), ClientPort: port, Started: now, chain: c}
 }
 
@@ -56,8 +61,13 @@ func (s *Session) Begin(id string) *Transaction {
 }
 
 // Notes is a small string-keyed bag shared by the rules of one session or
-// transaction. It is safe for concurrent use because observers and
-// front-ends may touch a session from more than one goroutine.
+// transaction. A session is driven by one goroutine at a time (a milter
+// connection's, or whichever policy connection holds the tracker's lock on
+// it), and the chain runs hooks and observers in turn, so no two rules
+// touch notes at once today. The lock is kept anyway: it costs an
+// uncontended lock per note, and a reader outside the chain (a Lua VM's
+// goroutine, an admin view of live sessions) stays safe without a review
+// of every caller.
 type Notes struct {
 	mu sync.Mutex
 	m  map[string]any

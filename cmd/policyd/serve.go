@@ -126,6 +126,9 @@ func exportStoreSize(m *metrics.Registry, st store.Store) {
 			s := mem.Stats()
 			return s.Records, s.IndexBytes, s.RecordBytes, s.DeadBytes
 		})
+		if !mem.Persisted() {
+			return
+		}
 		m.State(func() metrics.StateHealth {
 			p, l := mem.Persistence(), mem.LoadReport()
 			return metrics.StateHealth{

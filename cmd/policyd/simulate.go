@@ -142,7 +142,7 @@ type script struct {
 // where an SMTP client would have to.
 func (sc script) run(c *rules.Chain, n int, show func(hook string, d rules.Decision)) {
 	ctx := context.Background()
-	s := rules.NewSession(c, "simulate", sc.client, n, c.Now())
+	s := rules.NewConversation(c, "simulate", sc.client, n, c.Now())
 	s.ID = fmt.Sprintf("simulate-%d", n)
 	defer s.End(ctx)
 	step := func(hook string, d rules.Decision) (goOn bool) {
@@ -152,7 +152,7 @@ func (sc script) run(c *rules.Chain, n int, show func(hook string, d rules.Decis
 	if !step("connect", s.Connect(ctx)) {
 		return
 	}
-	if sc.helo != "" && !step("helo", s.SayHelo(ctx, sc.helo)) {
+	if sc.helo != "" && !step("helo", s.Helo(ctx, sc.helo)) {
 		return
 	}
 	d := s.Mail(ctx, rules.MailFrom{Sender: sc.from, ID: s.ID})

@@ -72,9 +72,9 @@ func BenchmarkClients(b *testing.B) {
 // recipient the deny observers count.
 func session(b *testing.B, c *rules.Chain, a netip.Addr, i int) {
 	ctx := context.Background()
-	s := rules.NewSession(c, "bench", a, 40000, c.Now())
+	s := rules.NewConversation(c, "bench", a, 40000, c.Now())
 	s.Connect(ctx)
-	s.SayHelo(ctx, "client.example")
+	s.Helo(ctx, "client.example")
 	s.Mail(ctx, rules.MailFrom{Sender: "s@example.org", ID: strconv.Itoa(i)})
 	if i%10 == 0 {
 		if d := s.Rcpt(ctx, "trap@example.test"); !d.Refuses() {

@@ -25,7 +25,7 @@ type session struct {
 
 // run plays one session through the conversation model, as a front-end
 // would, and returns the session.
-func run(h *rulestest.Harness, ss session) *rules.Session {
+func run(h *rulestest.Harness, ss session) *rules.Conversation {
 	h.T.Helper()
 	ctx := context.Background()
 	s := h.Session(ss.ip)
@@ -33,7 +33,7 @@ func run(h *rulestest.Harness, ss session) *rules.Session {
 	if s.Connect(ctx).Refuses() {
 		return s
 	}
-	s.SayHelo(ctx, "client.example")
+	s.Helo(ctx, "client.example")
 	if s.Mail(ctx, rules.MailFrom{Sender: "sender@example.org"}).Refuses() {
 		return s
 	}
@@ -236,7 +236,7 @@ func TestNoteHoldsMostSpecificNetwork(t *testing.T) {
 			if d.Code != rules.Declined {
 				t.Fatalf("connect answered %v", d.Code)
 			}
-			got, ok := clientstats.FromSession(s)
+			got, ok := clientstats.FromSession(s.Session)
 			if !ok || got != tc.want {
 				t.Fatalf("note: %+v (%v), want %+v", got, ok, tc.want)
 			}
@@ -261,7 +261,7 @@ func TestExpiry(t *testing.T) {
 		t.Fatalf("at expiry: %v, want %v", got, want)
 	}
 	s, _ := h.Connect("192.0.2.7")
-	if st, _ := clientstats.FromSession(s); st.Network.String() != "192.0.0.0/16" || st.Success != 2 {
+	if st, _ := clientstats.FromSession(s.Session); st.Network.String() != "192.0.0.0/16" || st.Success != 2 {
 		t.Fatalf("note after the /32 and /24 expired: %+v", st)
 	}
 }
@@ -296,11 +296,11 @@ func TestKeys(t *testing.T) {
 
 func TestInvalidClientIsSkipped(t *testing.T) {
 	h := rulestest.New(t, "client_stats", nil)
-	s := rules.NewSession(h.Chain, "test", netip.Addr{}, 0, h.Clock.Now())
+	s := rules.NewConversation(h.Chain, "test", netip.Addr{}, 0, h.Clock.Now())
 	if d := s.Connect(context.Background()); d.Code != rules.Declined {
 		t.Fatalf("connect: %v", d.Code)
 	}
-	if _, ok := clientstats.FromSession(s); ok {
+	if _, ok := clientstats.FromSession(s.Session); ok {
 		t.Fatal("note set for a client without an address")
 	}
 	s.Mail(context.Background(), rules.MailFrom{})
@@ -321,7 +321,7 @@ func TestOneStoreCallPerEvent(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	s := rules.NewSession(c, "test", netip.MustParseAddr("192.0.2.7"), 1, clock.Now())
+	s := rules.NewConversation(c, "test", netip.MustParseAddr("192.0.2.7"), 1, clock.Now())
 	s.Connect(ctx)
 	if calls := st.Calls(); calls["HGet"] != 1 || len(calls) != 1 {
 		t.Fatalf("connect: %v, want one HGet", calls)

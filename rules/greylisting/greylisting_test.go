@@ -247,7 +247,7 @@ func TestStoreCallsPerRecipient(t *testing.T) {
 	}
 	for _, stp := range steps {
 		clock.Advance(stp.after)
-		s := rules.NewSession(c, "test", addr("192.0.2.1"), 1, clock.Now())
+		s := rules.NewConversation(c, "test", addr("192.0.2.1"), 1, clock.Now())
 		s.Connect(ctx)
 		s.Mail(ctx, rules.MailFrom{Sender: sender})
 		before := st.Total()

@@ -147,7 +147,7 @@ func TestHostsAllow(t *testing.T) {
 				files["hosts_allow"] = tc.file
 			}
 			h := rulestest.New(t, tc.plugins, files)
-			open := map[string]*rules.Session{}
+			open := map[string]*rules.Conversation{}
 			for i, o := range tc.ops {
 				h.Clock.Advance(o.advance)
 				switch {

@@ -23,10 +23,10 @@ func TestStoreCallsPerHook(t *testing.T) {
 		t.Fatal(err)
 	}
 	ctx := context.Background()
-	s := rules.NewSession(c, "test", netipAddr(t, "192.0.2.1"), 40000, clock.Now())
+	s := rules.NewConversation(c, "test", netipAddr(t, "192.0.2.1"), 40000, clock.Now())
 	calls := func(step string, want int64, f func()) { t.Helper(); st.Expect(t, step, want, f) }
 	calls("connect", 1, func() { s.Connect(ctx) })
-	calls("helo", 0, func() { s.SayHelo(ctx, "client.example") })
+	calls("helo", 0, func() { s.Helo(ctx, "client.example") })
 	calls("mail", 0, func() { s.Mail(ctx, rules.MailFrom{Sender: "a@example.org"}) })
 	calls("rcpt", 0, func() { s.Rcpt(ctx, "b@example.test") })
 	calls("data", 0, func() { s.Data(ctx) })

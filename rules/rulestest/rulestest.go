@@ -97,22 +97,22 @@ func NewWith(t testing.TB, plugins string, files map[string]string, o Options) *
 }
 
 // Session starts a session from ip (port 40000) on the harness's chain.
-func (h *Harness) Session(ip string) *rules.Session {
+func (h *Harness) Session(ip string) *rules.Conversation {
 	h.T.Helper()
 	a, err := netip.ParseAddr(ip)
 	if err != nil {
 		h.T.Fatalf("bad test address %q: %v", ip, err)
 	}
-	return rules.NewSession(h.Chain, "test", a, 40000, h.Clock.Now())
+	return rules.NewConversation(h.Chain, "test", a, 40000, h.Clock.Now())
 }
 
 // Run runs one hook.
-func (h *Harness) Run(hook rules.Hook, s *rules.Session) rules.Decision {
-	return h.Chain.Run(context.Background(), hook, s)
+func (h *Harness) Run(hook rules.Hook, s *rules.Conversation) rules.Decision {
+	return h.Chain.Run(context.Background(), hook, s.Session)
 }
 
 // Connect starts a session from ip and runs its connect hook.
-func (h *Harness) Connect(ip string) (*rules.Session, rules.Decision) {
+func (h *Harness) Connect(ip string) (*rules.Conversation, rules.Decision) {
 	s := h.Session(ip)
 	return s, h.Run(rules.HookConnect, s)
 }

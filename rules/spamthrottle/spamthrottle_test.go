@@ -34,7 +34,7 @@ func send(t *testing.T, h *rulestest.Harness, ip string, rcpts int) time.Duratio
 	s := h.Session(ip)
 	defer s.End(ctx)
 	s.Connect(ctx)
-	s.SayHelo(ctx, "client.example")
+	s.Helo(ctx, "client.example")
 	s.Mail(ctx, rules.MailFrom{Sender: "sender@example.org", ID: "1"})
 	for i := range max(rcpts, 1) {
 		s.Rcpt(ctx, fmt.Sprintf("user%d@example.test", i))
@@ -223,7 +223,7 @@ func TestMessagesOfOneSession(t *testing.T) {
 func TestOverlappingTransactionsReadAtMail(t *testing.T) {
 	h := rulestest.New(t, "spamthrottle st 100 stmax 1000", nil)
 	ctx := context.Background()
-	var ss []*rules.Session
+	var ss []*rules.Conversation
 	for range 2 {
 		s := h.Session("192.0.2.1")
 		s.Connect(ctx)

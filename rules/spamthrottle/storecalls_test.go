@@ -28,9 +28,9 @@ func TestStoreCallsPerHook(t *testing.T) {
 		ip         string
 		mail, data int64
 	}{{"192.0.2.1", 1, 1}, {"198.51.100.1", 0, 0}} {
-		s := rules.NewSession(c, "test", netipAddr(t, tc.ip), 40000, clock.Now())
+		s := rules.NewConversation(c, "test", netipAddr(t, tc.ip), 40000, clock.Now())
 		calls(tc.ip+" connect", 0, func() { s.Connect(ctx) })
-		calls(tc.ip+" helo", 0, func() { s.SayHelo(ctx, "client.example") })
+		calls(tc.ip+" helo", 0, func() { s.Helo(ctx, "client.example") })
 		for range 2 {
 			calls(tc.ip+" mail", tc.mail, func() { s.Mail(ctx, rules.MailFrom{Sender: "a@example.org"}) })
 			calls(tc.ip+" rcpt", 0, func() { s.Rcpt(ctx, "b@example.test") })

@@ -18,6 +18,18 @@ type health struct {
 	// can put the disk level with memory again.
 	snapshotOwed                 bool
 	droppedRecords, droppedBytes int64
+	// owedSeq counts the events that owed a snapshot, so a snapshot
+	// clears only what happened before its rotation.
+	owedSeq uint64
+	// dropNotice: the buffer and records of the first drop of an
+	// outage, to be logged outside the locks; zero once logged.
+	dropNotice [2]int
+}
+
+// owe records that only a snapshot can put the disk level with memory.
+func (h *health) owe() {
+	h.snapshotOwed = true
+	h.owedSeq++
 }
 
 // failed records a write that did not reach the disk.
@@ -26,19 +38,26 @@ func (j *journal) failed(started time.Time, err error) {
 	j.health.failing = true
 	j.health.lastErr = err.Error()
 	since, buffered := j.health.persistedAt, len(j.buf)
+	notice := j.health.dropNotice
+	j.health.dropNotice = [2]int{}
 	j.mu.Unlock()
+	if notice[0] > 0 {
+		j.log.Error("state journal buffer full while the disk refuses writes: dropping buffered records; the store keeps them in memory and a snapshot will write them when the disk takes writes again",
+			"dir", j.dir, "buffer_bytes", notice[0], "records", notice[1])
+	}
 	j.logs.error("write", "state not persisted: the journal cannot be written; the records are kept in memory (up to the buffer's bound) and retried",
 		"dir", j.dir, "err", err, "persisted_until", since.UTC().Format(time.RFC3339), "buffered_bytes", buffered)
 }
 
 // persisted records that everything buffered before started is written;
-// wrote says whether the disk took a write or fsync in doing so.
-func (j *journal) persisted(started time.Time, wrote bool) {
+// wrote says whether the disk took a write or fsync in doing so. It
+// reports whether the disk had been failing.
+func (j *journal) persisted(started time.Time, wrote bool) (recovered bool) {
 	j.mu.Lock()
 	was := j.health.failing
 	if was && !wrote {
 		j.mu.Unlock()
-		return
+		return false
 	}
 	j.health.failing, j.health.lastErr = false, ""
 	if !j.health.snapshotOwed {
@@ -48,13 +67,19 @@ func (j *journal) persisted(started time.Time, wrote bool) {
 	if was {
 		j.log.Info("state journal writes work again", "dir", j.dir)
 	}
+	return was
 }
 
 // snapshotWritten records a snapshot holding every update made before
-// started.
-func (j *journal) snapshotWritten(started time.Time) {
+// started, which rotated the journal when owedSeq was owedAt.
+func (j *journal) snapshotWritten(started time.Time, owedAt uint64) {
 	j.mu.Lock()
 	owed := j.health.snapshotOwed
+	if j.health.owedSeq != owedAt {
+		// Owed again since the rotation: the next snapshot pays it.
+		j.mu.Unlock()
+		return
+	}
 	j.health.snapshotOwed = false
 	if owed && started.After(j.health.persistedAt) {
 		j.health.persistedAt = started
@@ -79,6 +104,9 @@ type Persistence struct {
 	// bound (a snapshot then writes the store whole).
 	DroppedRecords, DroppedBytes int64
 }
+
+// Persisted reports whether the store has a state directory.
+func (s *Store) Persisted() bool { return s.j != nil }
 
 // Persistence reports on the state directory; the zero value without one.
 func (s *Store) Persistence() Persistence {

@@ -143,9 +143,10 @@ func New(opts Options) *Store {
 }
 
 // Open returns a Store persisted under opts.Dir, loaded with what the
-// directory holds. Damaged state files are logged and skipped, never an
-// error; an unusable directory (not creatable, locked by another
-// process) is.
+// directory holds. Damaged records are reported and skipped (recover.go),
+// an error only past opts.MaxLoss; a file that cannot be read at all, or
+// an unusable directory (not creatable, locked by another process), is
+// an error.
 func Open(opts Options) (*Store, error) {
 	if opts.Dir == "" {
 		return New(opts), nil

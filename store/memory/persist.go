@@ -3,6 +3,7 @@ package memory
 import (
 	"bufio"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"hash/crc32"
 	"log/slog"
@@ -44,8 +45,10 @@ const (
 	opPut = 'P'
 	opDel = 'D'
 
-	snapshotMagic = "policyd-snapshot-1"
-	maxRecord     = 16 << 20 // a record larger than this is corruption
+	snapshotMagic = "policyd-snapshot-2"
+	// snapshotMagic1 is the format before the trailer, still read.
+	snapshotMagic1 = "policyd-snapshot-1"
+	maxRecord      = 16 << 20 // a record larger than this is corruption
 )
 
 var crcTable = crc32.MakeTable(crc32.Castagnoli)
@@ -143,10 +146,11 @@ func (j *journal) appended() {
 		j.health.droppedRecords += int64(j.pending)
 		j.health.droppedBytes += int64(len(j.buf))
 		if !j.health.snapshotOwed {
-			j.health.snapshotOwed = true
-			j.log.Error("state journal buffer full while the disk refuses writes: dropping buffered records; the store keeps them in memory and a snapshot will write them when the disk takes writes again",
-				"dir", j.dir, "buffer_bytes", len(j.buf), "records", j.pending)
+			// Said once per outage, by the flusher: this runs under the
+			// caller's shard lock.
+			j.health.dropNotice = [2]int{len(j.buf), j.pending}
 		}
+		j.health.owe()
 		j.buf, j.pending = j.buf[:0], 0
 	}
 }
@@ -223,8 +227,9 @@ func decodeRecord(p []byte) (op byte, key string, e entry, err error) {
 }
 
 // openJournal locks dir, loads its state into s, and starts a new journal
-// generation. Problems with the files are logged and skipped: a damaged
-// state directory must never keep mail from flowing.
+// generation. Damaged records are reported and skipped: a damaged state
+// directory must not keep mail from flowing unless the admin set a limit
+// (recover.go).
 func openJournal(s *Store, opts Options) error {
 	if err := os.MkdirAll(opts.Dir, 0o700); err != nil {
 		return fmt.Errorf("state directory: %w", err)
@@ -343,7 +348,11 @@ func (j *journal) run(s *Store) {
 			if sync {
 				lastSync = time.Now()
 			}
-			j.flush(sync)
+			if j.flush(sync) {
+				// An owed snapshot goes out now, not after the backoff
+				// the outage built up.
+				j.snapRetry, j.snapBackoff = time.Time{}, 0
+			}
 			if snapDone != nil || time.Now().Before(j.snapRetry) {
 				continue
 			}
@@ -382,10 +391,11 @@ const maxSpare = 16 << 20
 // flush writes the buffered records; on a write error the records are
 // kept for the next try (up to maxBuffer) and the error is logged at a
 // bounded rate.
-func (j *journal) flush(sync bool) {
+// It reports whether the disk took writes again after failing.
+func (j *journal) flush(sync bool) (recovered bool) {
 	j.fmu.Lock()
 	defer j.fmu.Unlock()
-	j.flushLocked(sync)
+	return j.flushLocked(sync) == errRecovered
 }
 
 // flushLocked is flush with fmu held.
@@ -421,6 +431,11 @@ func (j *journal) flushLocked(sync bool) error {
 	}
 	if sync {
 		if err := j.f.Sync(); err != nil {
+			// Linux may mark the pages clean after a failed fsync, so a
+			// later one "succeeds" without them: only a snapshot is sure.
+			j.mu.Lock()
+			j.health.owe()
+			j.mu.Unlock()
 			err = fmt.Errorf("journal fsync: %w", err)
 			j.failed(started, err)
 			return err
@@ -428,9 +443,14 @@ func (j *journal) flushLocked(sync bool) error {
 	}
 	// An empty buffer proves nothing about the disk, but leaves nothing
 	// unwritten either.
-	j.persisted(started, len(buf) > 0 || sync)
+	if j.persisted(started, len(buf) > 0 || sync) {
+		return errRecovered
+	}
 	return nil
 }
+
+// errRecovered is flushLocked's "written, and the disk had been failing".
+var errRecovered = errors.New("journal writes work again")
 
 // snapshot writes every live key to a new snapshot covering the journal
 // generations up to the current one, then removes those journals.
@@ -441,7 +461,7 @@ func (j *journal) snapshot(s *Store) error {
 	// between would leave records in that generation that nothing fsyncs
 	// before the snapshot is done.
 	j.fmu.Lock()
-	if err := j.flushLocked(true); err != nil {
+	if err := j.flushLocked(true); err != nil && err != errRecovered {
 		// Rotating now would only add a generation per try.
 		j.fmu.Unlock()
 		return err
@@ -456,6 +476,11 @@ func (j *journal) snapshot(s *Store) error {
 	}
 	j.f.Close()
 	j.gen, j.f, j.size = covered+1, next, 0
+	// A drop from here on leaves a hole in a generation this snapshot
+	// does not cover: it must not clear what is owed.
+	j.mu.Lock()
+	owedAt := j.health.owedSeq
+	j.mu.Unlock()
 	j.fmu.Unlock()
 	if err := j.writeSnapshot(s, covered); err != nil {
 		return err
@@ -465,7 +490,7 @@ func (j *journal) snapshot(s *Store) error {
 			os.Remove(filepath.Join(j.dir, "journal."+strconv.FormatUint(g, 10)))
 		}
 	}
-	j.snapshotWritten(started)
+	j.snapshotWritten(started, owedAt)
 	return nil
 }
 

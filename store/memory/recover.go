@@ -108,11 +108,11 @@ func (l LossLimit) exceeded(r LoadReport) string {
 	case r.Lost < 0:
 		return "an unknown number of records lost"
 	case !l.percent && float64(r.Lost) > l.n:
-		return fmt.Sprintf("%s, more than %s", lostText(r), l)
+		return lostText(r)
 	case l.percent:
 		total := r.SnapshotRecords + r.Lost
 		if total > 0 && float64(r.Lost)*100/float64(total) > l.n {
-			return fmt.Sprintf("%s of %d in the snapshot, more than %s", lostText(r), total, l)
+			return fmt.Sprintf("%s of %d in the snapshot", lostText(r), total)
 		}
 	}
 	return ""
@@ -150,23 +150,29 @@ type frameReader struct {
 	winOff int64
 }
 
-const frameWindow = 1 << 20
+const (
+	frameWindow = 1 << 20
+	resyncMin   = 1 << 20
+)
 
 // bytes returns the file's bytes [off, off+n), which must lie inside it.
 func (fr *frameReader) bytes(off int64, n int) ([]byte, error) {
 	if off >= fr.winOff && off+int64(n) <= fr.winOff+int64(len(fr.win)) {
 		return fr.win[off-fr.winOff : off-fr.winOff+int64(n)], nil
 	}
-	size := min(max(n, frameWindow), int(fr.size-off))
+	size := int(min(int64(max(n, frameWindow)), fr.size-off))
 	if cap(fr.win) < size {
 		fr.win = make([]byte, size)
 	}
 	fr.win = fr.win[:size]
-	if _, err := fr.r.ReadAt(fr.win, off); err != nil && !errors.Is(err, io.EOF) {
-		fr.win = fr.win[:0]
+	got, err := fr.r.ReadAt(fr.win, off)
+	fr.win, fr.winOff = fr.win[:got], off
+	if got < n {
+		if err == nil || errors.Is(err, io.EOF) {
+			err = io.ErrUnexpectedEOF // the file shrank under us
+		}
 		return nil, err
 	}
-	fr.winOff = off
 	return fr.win[:n], nil
 }
 
@@ -199,8 +205,10 @@ func (fr *frameReader) frame(off int64) ([]byte, string, error) {
 }
 
 // resync returns the first offset at or after from where a frame whose
-// payload could be a record starts, or the file's size.
-func (fr *frameReader) resync(from int64) (int64, error) {
+// payload could be a record starts, or the file's size. maxLen bounds a
+// candidate's length: the checksum of every plausible offset is what a
+// resynchronisation costs.
+func (fr *frameReader) resync(from int64, maxLen uint32) (int64, error) {
 	for off := from; fr.size-off >= 9; off++ {
 		// Cheap tests first, on the window: a plausible length and a
 		// payload that starts as a record does.
@@ -209,10 +217,13 @@ func (fr *frameReader) resync(from int64) (int64, error) {
 			return 0, err
 		}
 		l := binary.LittleEndian.Uint32(w[:4])
-		if l == 0 || l > maxRecord || fr.size-off-8 < int64(l) {
+		if l == 0 || l > maxLen || fr.size-off-8 < int64(l) {
 			continue
 		}
-		if c := w[8]; c != opPut && c != opDel && c != headerPrefix[0] {
+		if ok, err := fr.plausible(off+8, l); err != nil || !ok {
+			if err != nil {
+				return 0, err
+			}
 			continue
 		}
 		p, _, err := fr.frame(off)
@@ -226,12 +237,45 @@ func (fr *frameReader) resync(from int64) (int64, error) {
 	return fr.size, nil
 }
 
+// plausible checks the start of an l-byte payload at off for the shape
+// of a record, before a checksum over all of it is worth computing.
+func (fr *frameReader) plausible(off int64, l uint32) (bool, error) {
+	p, err := fr.bytes(off, int(min(l, 32)))
+	if err != nil {
+		return false, err
+	}
+	switch p[0] {
+	case headerPrefix[0]:
+		return len(p) >= len(headerPrefix) && string(p[:len(headerPrefix)]) == headerPrefix, nil
+	case opDel:
+		klen, m := binary.Uvarint(p[1:])
+		return m > 0 && uint64(l) == 1+uint64(m)+klen, nil
+	case opPut:
+		klen, m := binary.Uvarint(p[1:])
+		at := 1 + uint64(m) + klen // the kind byte
+		if m <= 0 || at >= uint64(l) {
+			return false, nil
+		}
+		k, err := fr.bytes(off+int64(at), 1)
+		if err != nil {
+			return false, err
+		}
+		return kind(k[0]) <= kindLeases, nil
+	}
+	return false, nil
+}
+
 // scanRecords calls fn for every intact record of r, skipping damage. An
 // fn error wrapping errMalformed is damage too; any other fn error stops
 // the scan and is returned.
 func scanRecords(r io.ReaderAt, size int64, fn func(payload []byte) error) (scanReport, error) {
 	var rep scanReport
 	fr := &frameReader{r: r, size: size}
+	// Candidates past damage may be as long as twice the longest record
+	// seen, and at least resyncMin: a legitimate record longer than that
+	// right after damage is lost with it, a fair price for a scan of
+	// garbage that ends.
+	longest := uint32(0)
 	for off := int64(0); off < size; {
 		p, why, err := fr.frame(off)
 		if err != nil {
@@ -244,6 +288,7 @@ func scanRecords(r io.ReaderAt, size int64, fn func(payload []byte) error) (scan
 				rep.records++
 				rep.goodBytes += n
 				off += n
+				longest = max(longest, uint32(len(p)))
 				continue
 			}
 			if !errors.Is(err, errMalformed) {
@@ -251,7 +296,7 @@ func scanRecords(r io.ReaderAt, size int64, fn func(payload []byte) error) (scan
 			}
 			why = err.Error()
 		}
-		next, err := fr.resync(off + 1)
+		next, err := fr.resync(off+1, min(max(resyncMin, 2*longest), maxRecord))
 		if err != nil {
 			return rep, err
 		}
@@ -313,18 +358,23 @@ type snapshotMeta struct {
 	haveCovered       bool
 	count             int // records the trailer announces
 	haveCount, header bool
+	version           int // 2 ends with a trailer; 1 (before it) may not
 }
 
 // parse reads a header or trailer payload into m.
 func (m *snapshotMeta) parse(p []byte) error {
 	f := strings.Fields(string(p))
 	switch {
-	case len(f) == 2 && f[0] == snapshotMagic:
+	case len(f) == 2 && (f[0] == snapshotMagic || f[0] == snapshotMagic1):
 		g, err := strconv.ParseUint(f[1], 10, 64)
 		if err != nil {
 			break
 		}
 		m.covered, m.haveCovered, m.header = g, true, true
+		m.version = 1
+		if f[0] == snapshotMagic {
+			m.version = 2
+		}
 		return nil
 	case len(f) == 3 && f[0] == snapshotTrailer:
 		g, err1 := strconv.ParseUint(f[1], 10, 64)
@@ -413,9 +463,14 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 		if err != nil {
 			return 0, rep, fmt.Errorf("state snapshot: %w", err)
 		}
-		if !meta.header && sr.regions == 0 {
+		switch {
+		case !meta.header && sr.regions == 0:
 			// Intact frames without a header: another program's file.
 			sr.damage(0, 0, "no snapshot header")
+		case meta.version >= 2 && !meta.haveCount && sr.regions == 0:
+			// Cut exactly at a record's end: only the trailer tells.
+			sr.damage(fi.Size(), 0, "no trailer: the file was cut short")
+			sr.toEnd = true
 		}
 		if sr.regions > 0 {
 			rep.DamagedBytes += sr.damagedBytes
@@ -454,8 +509,9 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 		name := filepath.Join(j.dir, "journal."+strconv.FormatUint(g, 10))
 		f, err := os.Open(name)
 		if err != nil {
-			rep.Problems = append(rep.Problems, fmt.Sprintf("journal.%d unreadable: %v", g, err))
-			continue
+			// As for the snapshot: skipped, it would be removed by the
+			// next snapshot with everything it holds.
+			return 0, rep, fmt.Errorf("state journal unreadable: %w", err)
 		}
 		var sr scanReport
 		fi, err := f.Stat()
@@ -473,8 +529,7 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 			return 0, rep, fatal
 		}
 		if err != nil {
-			rep.Problems = append(rep.Problems, fmt.Sprintf("journal.%d unreadable: %v", g, err))
-			continue
+			return 0, rep, fmt.Errorf("state journal %s unreadable: %w", name, err)
 		}
 		if sr.regions == 0 {
 			continue
@@ -503,8 +558,14 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 	}
 	j.log.Info("state loaded", "dir", j.dir, "keys", s.Len(), "snapshot_records", rep.SnapshotRecords, "journal_records", rep.JournalRecords, "migrated_keys", rep.Migrated, "took", time.Since(start).Round(time.Millisecond))
 	if why := limit.exceeded(rep); why != "" {
-		return 0, rep, fmt.Errorf("state directory %s damaged: %s (--state-max-loss %s); the damaged files are kept as %s: raise the limit, or move them away, to start anyway",
-			j.dir, why, limit, strings.Join(rep.Kept, ", "))
+		// Nothing was changed, so the copies kept aside are not needed:
+		// a restart loop must not fill the directory with them.
+		for _, k := range rep.Kept {
+			os.Remove(filepath.Join(j.dir, k))
+		}
+		rep.Kept = nil
+		return 0, rep, fmt.Errorf("state directory %s damaged: %s, over --state-max-loss %s; it is left as it was: start with a higher --state-max-loss (or none) to run with every record that can be read, or restore the directory from a backup",
+			j.dir, why, limit)
 	}
 	return maxGen, rep, nil
 }
