@@ -126,6 +126,15 @@ func checkPacket(cmd byte, data []byte, maxMacros int) error {
 		return broken("unknown command byte 0x%02x", cmd)
 	}
 	switch cmd {
+	case 'L', 'B':
+		// Header lines and body chunks are negotiated off (Serve): an MTA
+		// never sends them, and go-milter would keep every header line
+		// until the end of the headers, without a bound.
+		return broken("%s packet, which policyd negotiated off", map[byte]string{'L': "header", 'B': "body"}[cmd])
+	case 'K':
+		// "Quit, new connection" is protocol v6; go-milter speaks v2,
+		// knows no such command and logs one line per connection for it.
+		return broken("command K (quit, new connection), which milter protocol 2 has not")
 	case 'O':
 		if len(data) < 12 {
 			return broken("short option negotiation")
@@ -136,6 +145,9 @@ func checkPacket(cmd byte, data []byte, maxMacros int) error {
 		}
 	case 'D':
 		// A stage code, then NUL-terminated names and values.
+		if len(data) == 0 {
+			return broken("empty macro packet")
+		}
 		if len(data) > 1 {
 			if n := (bytes.Count(data[1:], []byte{0}) + 1) / 2; n > maxMacros {
 				return &dropError{LimitMacros, fmt.Sprintf("%d macros in one packet, limit %d", n, maxMacros)}

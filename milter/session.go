@@ -14,9 +14,11 @@ import (
 	"github.com/policyd-mail/policyd/rules"
 )
 
-// maxMacros bounds the macros remembered per connection; an MTA sends a
-// few dozen, a hostile peer could send millions.
-const maxMacros = 256
+// maxMacroBytes bounds the bytes of the macros a connection remembers
+// (names and values). Postfix sends a few hundred bytes of them, Sendmail
+// a few KiB; MaxMacros bounds their number. Without it a peer could park
+// MaxMacros values of a packet's size each, megabytes per connection.
+const maxMacroBytes = 64 << 10
 
 // session is one milter connection = one SMTP session. go-milter calls
 // its methods from the connection's goroutine; end may come from the
@@ -29,6 +31,8 @@ type session struct {
 	mu     sync.Mutex
 	s      *rules.Conversation
 	macros map[string]string
+	// macroBytes is the size of macros' names and values.
+	macroBytes int
 }
 
 var _ gomilter.Milter = (*session)(nil)
@@ -38,10 +42,16 @@ func (m *session) merge(mod *gomilter.Modifier) {
 		return
 	}
 	for k, v := range mod.Macros {
-		if _, ok := m.macros[k]; !ok && len(m.macros) >= maxMacros {
+		old, ok := m.macros[k]
+		grow := len(v) - len(old)
+		if !ok {
+			grow += len(k)
+		}
+		if !ok && len(m.macros) >= m.srv.cfg.MaxMacros || m.macroBytes+grow > maxMacroBytes {
 			continue
 		}
 		m.macros[k] = v
+		m.macroBytes += grow
 	}
 }
 

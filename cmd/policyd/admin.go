@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"log/slog"
 	"net"
 	"net/http"
 	"net/netip"
@@ -81,6 +82,12 @@ func (d *daemon) adminClients(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), adminTimeout)
 	defer cancel()
 	reply := adminReply{Client: p.String()}
+	if r.Method == http.MethodDelete && tooWide(p) && r.URL.Query().Get("force") != "1" {
+		writeJSON(w, http.StatusBadRequest, adminError{fmt.Sprintf(
+			"%s is wider than /%d (IPv6 /%d): forgetting it deletes what is stored about every client in it; repeat with --force (?force=1) if that is what you mean",
+			p, forgetMinBits4, forgetMinBits6)})
+		return
+	}
 	if r.Method == http.MethodDelete {
 		var deleted, kept []store.Record
 		deleted, kept, err = store.ForgetClient(ctx, d.rawStore, p, d.chain.Load().ClientIPv6Prefix())
@@ -106,6 +113,20 @@ func (d *daemon) adminClients(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, reply)
 }
 
+// A forget of a network wider than these needs force: 0.0.0.0/0 deleted
+// every greylisting triplet, statistic and offender record at once.
+const (
+	forgetMinBits4 = 8
+	forgetMinBits6 = 16
+)
+
+func tooWide(p netip.Prefix) bool {
+	if p.Addr().Is4() {
+		return p.Bits() < forgetMinBits4
+	}
+	return p.Bits() < forgetMinBits6
+}
+
 // adminAuth guards the admin API: with a token, every request must carry
 // it; without one, only loopback (and unix socket) peers are served, so
 // exposing --http-listen for Prometheus does not expose forget.
@@ -121,7 +142,7 @@ func adminAuth(token string, next http.Handler) http.Handler {
 		} else if !loopbackPeer(r.RemoteAddr) {
 			writeJSON(w, http.StatusForbidden, adminError{"the admin API answers loopback clients only; set --admin-token-file to allow others"})
 			return
-		} else if !loopbackHost(r.Host) {
+		} else if !loopbackHost(r.Host, !isIPPeer(r.RemoteAddr)) {
 			// A web page in a browser on this host can reach loopback
 			// under a name of its own (DNS rebinding): without a token,
 			// only loopback names are served.
@@ -130,6 +151,13 @@ func adminAuth(token string, next http.Handler) http.Handler {
 		}
 		next.ServeHTTP(w, r)
 	})
+}
+
+// isIPPeer reports whether remote is an IP client's address, not a unix
+// socket peer's.
+func isIPPeer(remote string) bool {
+	_, err := netip.ParseAddrPort(remote)
+	return err == nil
 }
 
 func loopbackPeer(remote string) bool {
@@ -144,15 +172,16 @@ func loopbackPeer(remote string) bool {
 }
 
 // loopbackHost accepts the Host of a request made to a loopback address
-// or name ("127.0.0.1:10042", "[::1]:10042", "localhost"), and the empty
-// or placeholder host of a unix-socket client.
-func loopbackHost(host string) bool {
+// or name ("127.0.0.1:10042", "[::1]:10042", "localhost"), and, from a
+// unix-socket client only, the empty or placeholder host: over TCP a web
+// page could send those too.
+func loopbackHost(host string, unixPeer bool) bool {
 	h := host
 	if hh, _, err := net.SplitHostPort(host); err == nil {
 		h = hh
 	}
 	h = strings.Trim(h, "[]")
-	if h == "" || h == "localhost" || h == unixHost {
+	if h == "localhost" || unixPeer && (h == "" || h == unixHost) {
 		return true
 	}
 	a, err := netip.ParseAddr(h)
@@ -168,6 +197,10 @@ const unixHost = "policyd"
 func readToken(file string) (string, error) {
 	if file == "" {
 		return "", nil
+	}
+	if fi, err := os.Stat(file); err == nil && fi.Mode().Perm()&0o077 != 0 {
+		// As ssh says of a key file: a token others can read is theirs.
+		slog.Warn("admin-token-file is readable by other users; chmod 600 it", "file", file, "mode", fmt.Sprintf("%#o", fi.Mode().Perm()))
 	}
 	b, err := os.ReadFile(file)
 	if err != nil {

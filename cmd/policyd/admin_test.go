@@ -197,6 +197,7 @@ func TestAdminAuth(t *testing.T) {
 		{"IPv6 loopback", "", "[::1]:4000", "", http.StatusOK, "[::1]:10042"},
 		{"localhost", "", "127.0.0.1:4000", "", http.StatusOK, "localhost:10042"},
 		{"unix socket", "", "@", "", http.StatusOK, "policyd"},
+		{"unix socket's placeholder host over TCP", "", "127.0.0.1:4000", "", http.StatusForbidden, "policyd"},
 		{"remote without token", "", "192.0.2.9:4000", "", http.StatusForbidden, ""},
 		{"rebound name without token", "", "127.0.0.1:4000", "", http.StatusForbidden, "evil.example:10042"},
 		{"rebound name with token", "t0k", "127.0.0.1:4000", "Bearer t0k", http.StatusOK, "evil.example:10042"},
@@ -337,5 +338,48 @@ func TestTwoDaemonsShareRedis(t *testing.T) {
 	// Either host's admin API sees the shared counter.
 	if out, _, rc := admin(t, a, "inspect", "192.0.2.77"); rc != 0 || !strings.Contains(out, "connection_shaper") || !strings.Contains(out, "  4\n") {
 		t.Errorf("inspect on the first host: %s", out)
+	}
+}
+
+// The admin API's guards, over real sockets: a forget of a network wider
+// than /8 (IPv6 /16) needs --force, the unix socket's placeholder Host is
+// refused over TCP, and a token file others can read is warned about.
+func TestAdminGuards(t *testing.T) {
+	dir := t.TempDir()
+	tok := filepath.Join(dir, "token")
+	os.WriteFile(tok, []byte("s3cret\n"), 0o644)
+	d := startDaemon(t, "--state-dir", t.TempDir(), "--admin-token-file", tok)
+	if !strings.Contains(d.log.String(), "admin-token-file is readable by other users") {
+		t.Errorf("no warning about a world-readable token file:\n%s", d.log.String())
+	}
+	os.Chmod(tok, 0o600)
+	askPolicy(t, d.policy, "192.0.2.66", "1", "a@example.org") // something to forget
+	for _, wide := range []string{"0.0.0.0/0", "::/0", "10.0.0.0/7"} {
+		if _, errs, rc := admin(t, d, "forget", "--admin-token-file", tok, wide); rc != 2 || !strings.Contains(errs, "repeat with --force") {
+			t.Errorf("forget %s: rc=%d %q, want a refusal", wide, rc, errs)
+		}
+	}
+	if out, errs, rc := admin(t, d, "forget", "--admin-token-file", tok, "--force", "0.0.0.0/0"); rc != 0 || !strings.Contains(out, "0.0.0.0/0: deleted") {
+		t.Errorf("forget --force 0.0.0.0/0: rc=%d %q %q", rc, out, errs)
+	}
+	if out, _, rc := admin(t, d, "forget", "--admin-token-file", tok, "10.0.0.0/8"); rc != 0 {
+		t.Errorf("forget of a /8 without --force: rc=%d %q", rc, out)
+	}
+
+	// Without a token, a TCP request for Host "policyd" is refused.
+	d2 := startDaemon(t, "--state-dir", t.TempDir())
+	c, err := net.Dial("tcp", d2.http)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	fmt.Fprintf(c, "GET /api/v1/clients/192.0.2.1 HTTP/1.1\r\nHost: policyd\r\nConnection: close\r\n\r\n")
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusForbidden {
+		t.Errorf("Host: policyd over TCP answered %d, want 403", resp.StatusCode)
 	}
 }

@@ -231,6 +231,35 @@ func TestHostileClients(t *testing.T) {
 		return append(binary.BigEndian.AppendUint32(nil, uint32(len(data)+1)), append([]byte{cmd}, data...)...)
 	}
 	truncatedHelo := milterPacket('H', "client.example\x00")[:10]
+	negotiate := milterPacket('O', "\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff")
+	// Header lines although policyd negotiated none: go-milter kept each
+	// until the end of the headers (4 x 500 MiB took RSS to 3 GB).
+	headerFlood := func(w io.Writer) error {
+		if _, err := w.Write(negotiate); err != nil {
+			return err
+		}
+		line := milterPacket('L', "X-Flood\x00"+strings.Repeat("x", 60000)+"\x00")
+		for range 2000 { // 120 MB
+			if _, err := w.Write(line); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	// The largest macro a packet holds before each of 256 HELOs: each
+	// connection kept all of them (15 MB) before macros were bounded in bytes.
+	macroFlood := func(w io.Writer) error {
+		if _, err := w.Write(append(negotiate, milterPacket('C', "client.example\x004\x00\x0019\x00192.0.2.30\x00")...)); err != nil {
+			return err
+		}
+		value := strings.Repeat("v", 60000)
+		for i := range 256 {
+			if _, err := w.Write(append(milterPacket('D', fmt.Sprintf("H{m%d}\x00%s\x00", i, value)), milterPacket('H', "helo.example\x00")...)); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
 	cases := []hostile{
 		{"policy 10 MB line", d.policy, lineOf(10)},
 		{"policy 100000 attributes", d.policy, attrs},
@@ -240,6 +269,12 @@ func TestHostileClients(t *testing.T) {
 		{"milter truncated length", d.milter, raw([]byte{0, 0})},
 		{"milter truncated after a good packet", d.milter, raw(append(milterPacket('O', "\x00\x00\x00\x06\x00\x00\x01\xff\x00\x1f\xff\xff"), truncatedHelo...))},
 		{"milter binary junk", d.milter, raw(randomBytes(2, 1<<20))},
+	}
+	for i := range 3 {
+		cases = append(cases, hostile{fmt.Sprintf("milter header flood %d", i), d.milter, headerFlood})
+	}
+	for i := range 8 {
+		cases = append(cases, hostile{fmt.Sprintf("milter macro flood %d", i), d.milter, macroFlood})
 	}
 	var wg sync.WaitGroup
 	for _, tc := range cases {

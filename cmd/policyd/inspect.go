@@ -28,6 +28,10 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 	asJSON := fset.Bool("json", false, "print the API's JSON instead of text")
 	tokenFile := fset.String("admin-token-file", "", "file holding the daemon's admin bearer token")
 	timeout := fset.Duration("timeout", adminTimeout+5*time.Second, "give up after this long")
+	var force *bool
+	if cmd == "forget" {
+		force = fset.Bool("force", false, fmt.Sprintf("forget a network wider than /%d (IPv6 /%d), everything stored about every client in it", forgetMinBits4, forgetMinBits6))
+	}
 	fset.Usage = func() {
 		what := "prints everything the daemon stores about the clients in IP|CIDR: counters,\noffender records, statistics per network, greylist entries, session slots."
 		if cmd == "forget" {
@@ -72,7 +76,7 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	body, code, err := adminCall(ctx, method, *httpAddr, client, token)
+	body, code, err := adminCall(ctx, method, *httpAddr, client, token, force != nil && *force)
 	if err != nil {
 		fmt.Fprintf(stderr, "policyd %s: %v\n", cmd, err)
 		return 1
@@ -114,7 +118,7 @@ func defaultAdminAddr() string {
 	return "127.0.0.1:10042"
 }
 
-func adminCall(ctx context.Context, method, addr, client, token string) ([]byte, int, error) {
+func adminCall(ctx context.Context, method, addr, client, token string, force bool) ([]byte, int, error) {
 	tr := &http.Transport{}
 	base := "http://" + addr
 	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
@@ -133,6 +137,9 @@ func adminCall(ctx context.Context, method, addr, client, token string) ([]byte,
 	}
 	req.URL.RawPath = ""
 	req.URL.Path = "/api/v1/clients/" + client
+	if force {
+		req.URL.RawQuery = "force=1"
+	}
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}

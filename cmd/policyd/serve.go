@@ -6,6 +6,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	stdlog "log"
 	"log/slog"
 	"net"
 	"net/http"
@@ -46,9 +47,11 @@ func serve(args []string, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "policyd:", err)
 		return 2
 	}
-	// go-milter logs through the standard log package; this routes its
-	// lines (a broken packet, a dropped connection) into ours.
 	slog.SetDefault(log)
+	// go-milter logs through the standard log package: its lines come
+	// into ours, rate-limited, since a peer can cause one per connection.
+	stdlog.SetFlags(0)
+	stdlog.SetOutput(milter.LibraryLog(log, time.Second))
 	// Signals are caught before start-up, so a SIGTERM then still drains.
 	sigs := make(chan os.Signal, 4)
 	signal.Notify(sigs, syscall.SIGTERM, syscall.SIGINT, syscall.SIGHUP)

@@ -2,9 +2,9 @@ package memory
 
 import (
 	"fmt"
-	"log/slog"
-	"sync"
 	"time"
+
+	"github.com/policyd-mail/policyd/internal/ratelog"
 )
 
 // health is whether what the store holds is reaching the disk. It lives
@@ -45,7 +45,7 @@ func (j *journal) failed(started time.Time, err error) {
 		j.log.Error("state journal buffer full while the disk refuses writes: dropping buffered records; the store keeps them in memory and a snapshot will write them when the disk takes writes again",
 			"dir", j.dir, "buffer_bytes", notice[0], "records", notice[1])
 	}
-	j.logs.error("write", "state not persisted: the journal cannot be written; the records are kept in memory (up to the buffer's bound) and retried",
+	j.logLimited(j.writeLog, "state not persisted: the journal cannot be written; the records are kept in memory (up to the buffer's bound) and retried",
 		"dir", j.dir, "err", err, "persisted_until", since.UTC().Format(time.RFC3339), "buffered_bytes", buffered)
 }
 
@@ -141,34 +141,14 @@ func (s *Store) Degraded() []string {
 	return out
 }
 
-// limitedLog writes an error of each kind at most once per logEvery, with
-// how many of that kind were held back: a full disk fails every few
+// logEvery bounds the write and snapshot errors to one line each per
+// interval, with how many were held back: a full disk fails every few
 // hundred milliseconds for as long as it lasts.
-type limitedLog struct {
-	log        *slog.Logger
-	mu         sync.Mutex
-	last       map[string]time.Time
-	suppressed map[string]int
-}
-
 const logEvery = 30 * time.Second
 
-func (l *limitedLog) error(kind, msg string, args ...any) {
-	l.mu.Lock()
-	if l.last == nil {
-		l.last, l.suppressed = map[string]time.Time{}, map[string]int{}
+// logLimited logs an error through lim.
+func (j *journal) logLimited(lim *ratelog.Limiter, msg string, args ...any) {
+	if n, ok := lim.Allow(time.Now()); ok {
+		j.log.Error(msg, append(args, "suppressed", n)...)
 	}
-	if t, ok := l.last[kind]; ok && time.Since(t) < logEvery {
-		l.suppressed[kind]++
-		l.mu.Unlock()
-		return
-	}
-	l.last[kind] = time.Now()
-	n := l.suppressed[kind]
-	l.suppressed[kind] = 0
-	l.mu.Unlock()
-	if n > 0 {
-		args = append(args, "suppressed", n)
-	}
-	l.log.Error(msg, args...)
 }

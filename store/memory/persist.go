@@ -16,6 +16,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"github.com/policyd-mail/policyd/internal/ratelog"
 )
 
 // Persistence: the map stays the store; a journal records the resulting
@@ -87,7 +89,8 @@ type journal struct {
 	// snapBackoff the wait after the next failure; run loop only.
 	snapRetry   time.Time
 	snapBackoff time.Duration
-	logs        limitedLog
+	// writeLog and snapLog rate-limit the write and snapshot errors.
+	writeLog, snapLog *ratelog.Limiter
 
 	stop chan struct{}
 	done chan struct{}
@@ -248,7 +251,7 @@ func openJournal(s *Store, opts Options) error {
 		maxBuffer: opts.MaxJournalBuffer,
 		stop:      make(chan struct{}), done: make(chan struct{}),
 	}
-	j.logs.log = opts.Logger
+	j.writeLog, j.snapLog = ratelog.New(logEvery), ratelog.New(logEvery)
 	j.health.persistedAt = time.Now()
 	maxGen, rep, err := j.recover(s, opts.MaxLoss)
 	s.loadReport = rep
@@ -339,7 +342,7 @@ func (j *journal) run(s *Store) {
 				// instead of rotating a new journal every tick.
 				j.snapBackoff = min(max(2*j.snapBackoff, snapshotRetryMin), snapshotRetryMax)
 				j.snapRetry = time.Now().Add(j.snapBackoff)
-				j.logs.error("snapshot", "state snapshot failed; the journals are kept, next try later", "err", err, "retry_in", j.snapBackoff)
+				j.logLimited(j.snapLog, "state snapshot failed; the journals are kept, next try later", "err", err, "retry_in", j.snapBackoff)
 			} else {
 				j.snapBackoff = 0
 			}
