@@ -30,20 +30,46 @@ type Record struct {
 // Keys under a tag that is not an address (greylisting without
 // remote_ip) are about nobody in particular and are left out.
 func FindClient(ctx context.Context, st Store, p netip.Prefix) ([]Record, error) {
+	out, _, err := FindClientPage(ctx, st, p, "", 0)
+	return out, err
+}
+
+// FindClientPage is FindClient a page at a time, for a network with more
+// records than one answer should carry: the records of the first limit
+// keys (in key order) after the key after, and the key to continue after
+// ("" when there are no more). limit <= 0 means no limit.
+func FindClientPage(ctx context.Context, st Store, p netip.Prefix, after string, limit int) ([]Record, string, error) {
 	p = p.Masked()
 	keys, err := st.Scan(ctx, scanPrefix(p))
 	if err != nil {
-		return nil, fmt.Errorf("find %s: %w", p, err)
+		return nil, "", fmt.Errorf("find %s: %w", p, err)
 	}
-	var out []Record
+	type match struct {
+		key, rule string
+		about     netip.Prefix
+	}
+	var page []match
+	next := ""
 	for _, k := range keys {
+		if after != "" && k <= after {
+			continue
+		}
 		rule, about, ok := parseClientKey(k)
 		if !ok || !about.Overlaps(p) {
 			continue
 		}
+		if limit > 0 && len(page) == limit {
+			next = page[len(page)-1].key
+			break
+		}
+		page = append(page, match{k, rule, about})
+	}
+	var out []Record
+	for _, m := range page {
+		k, rule, about := m.key, m.rule, m.about
 		e, found, err := st.Inspect(ctx, k)
 		if err != nil {
-			return nil, fmt.Errorf("find %s: %w", p, err)
+			return nil, "", fmt.Errorf("find %s: %w", p, err)
 		}
 		if !found {
 			continue // expired between the scan and now
@@ -54,7 +80,7 @@ func FindClient(ctx context.Context, st Store, p netip.Prefix) ([]Record, error)
 	slices.SortStableFunc(out, func(a, b Record) int {
 		return cmp.Or(cmp.Compare(b.About.Bits(), a.About.Bits()), cmp.Compare(a.Rule, b.Rule), strings.Compare(a.Key, b.Key))
 	})
-	return out, nil
+	return out, next, nil
 }
 
 // scanPrefix narrows the key scan: every tag about an IPv4 address or a

@@ -17,6 +17,7 @@ import (
 	"time"
 
 	"github.com/policyd-mail/policyd/internal/testredis"
+	"github.com/policyd-mail/policyd/internal/testsync"
 )
 
 // askPolicy sends one RCPT request as a new SMTP session of client.
@@ -381,5 +382,31 @@ func TestAdminGuards(t *testing.T) {
 	resp.Body.Close()
 	if resp.StatusCode != http.StatusForbidden {
 		t.Errorf("Host: policyd over TCP answered %d, want 403", resp.StatusCode)
+	}
+}
+
+// A network with more records than one answer carries is inspected a page
+// at a time: 1000 records, then the rest after the key the page ends at.
+func TestInspectPages(t *testing.T) {
+	d := startDaemon(t, "--state-dir", t.TempDir())
+	c, err := net.Dial("tcp", d.policy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	br := bufio.NewReader(c)
+	for i := range 1001 {
+		policyAsk(t, c, br, "protocol_state=RCPT", fmt.Sprintf("client_address=10.1.%d.%d", i/256, i%256), "client_port=1",
+			"sender=s@example.org", "recipient=r@example.test")
+	}
+	c.Close()
+	out, errs, rc := admin(t, d, "inspect", "10.0.0.0/8")
+	if rc != 0 || !strings.Contains(out, "10.0.0.0/8: 1000 records") || !strings.Contains(out, "more records: policyd inspect --after '") {
+		t.Fatalf("first page: rc=%d %s\n%s", rc, errs, testsync.Tail(out, 3))
+	}
+	after := out[strings.Index(out, "--after '")+len("--after '"):]
+	after = after[:strings.IndexByte(after, '\'')]
+	out, errs, rc = admin(t, d, "inspect", "--after", after, "10.0.0.0/8")
+	if rc != 0 || !strings.Contains(out, "10.0.0.0/8: 1 record") || strings.Contains(out, "more records") {
+		t.Fatalf("second page: rc=%d %s\n%s", rc, errs, out)
 	}
 }

@@ -29,6 +29,10 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 	tokenFile := fset.String("admin-token-file", "", "file holding the daemon's admin bearer token")
 	timeout := fset.Duration("timeout", adminTimeout+5*time.Second, "give up after this long")
 	var force *bool
+	after := new(string)
+	if cmd == "inspect" {
+		after = fset.String("after", "", "the page after this key: what a large network's last page said")
+	}
 	if cmd == "forget" {
 		force = fset.Bool("force", false, fmt.Sprintf("forget a network wider than /%d (IPv6 /%d), everything stored about every client in it", forgetMinBits4, forgetMinBits6))
 	}
@@ -76,7 +80,14 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
-	body, code, err := adminCall(ctx, method, *httpAddr, client, token, force != nil && *force)
+	query := url.Values{}
+	if force != nil && *force {
+		query.Set("force", "1")
+	}
+	if *after != "" {
+		query.Set("after", *after)
+	}
+	body, code, err := adminCall(ctx, method, *httpAddr, client, token, query.Encode())
 	if err != nil {
 		fmt.Fprintf(stderr, "policyd %s: %v\n", cmd, err)
 		return 1
@@ -118,7 +129,7 @@ func defaultAdminAddr() string {
 	return "127.0.0.1:10042"
 }
 
-func adminCall(ctx context.Context, method, addr, client, token string, force bool) ([]byte, int, error) {
+func adminCall(ctx context.Context, method, addr, client, token, query string) ([]byte, int, error) {
 	tr := &http.Transport{}
 	base := "http://" + addr
 	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
@@ -137,9 +148,7 @@ func adminCall(ctx context.Context, method, addr, client, token string, force bo
 	}
 	req.URL.RawPath = ""
 	req.URL.Path = "/api/v1/clients/" + client
-	if force {
-		req.URL.RawQuery = "force=1"
-	}
+	req.URL.RawQuery = query
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
 	}
@@ -162,6 +171,9 @@ func printInspect(w io.Writer, r adminReply) {
 	}
 	fmt.Fprintf(w, "%s: %s\n", r.Client, count(len(r.Records), "record"))
 	printRecords(w, r.Records)
+	if r.Next != "" {
+		fmt.Fprintf(w, "more records: policyd inspect --after '%s' %s\n", r.Next, r.Client)
+	}
 }
 
 func printForget(w io.Writer, r adminReply) {

@@ -180,13 +180,18 @@ func appendRaw(dst []byte, s string) []byte {
 
 // unpack gives back the key p was packed from.
 func (c *keyCodec) unpack(p []byte) string {
+	return string(c.appendKey(make([]byte, 0, 64), p))
+}
+
+// appendKey appends the key p was packed from to b: a scan reuses one
+// buffer for every record instead of a string each.
+func (c *keyCodec) appendKey(b, p []byte) []byte {
 	if len(p) == 0 {
-		return ""
+		return b
 	}
 	if p[0] == formRaw {
-		return string(p[1:])
+		return append(b, p[1:]...)
 	}
-	b := make([]byte, 0, 64)
 	b = append(b, store.Prefix+"{"...)
 	b, p = c.unpackPart(b, p[1:])
 	b = append(b, "}:"...)
@@ -198,7 +203,7 @@ func (c *keyCodec) unpack(p []byte) string {
 		}
 		b, p = c.unpackPart(b, p)
 	}
-	return string(b)
+	return b
 }
 
 func (c *keyCodec) unpackPart(b, p []byte) (out, rest []byte) {

@@ -1,10 +1,10 @@
 package memory
 
 import (
+	"bytes"
 	"context"
 	"fmt"
 	"sort"
-	"strings"
 	"time"
 
 	"github.com/policyd-mail/policyd/store"
@@ -293,7 +293,14 @@ func (s *Store) Scan(ctx context.Context, prefix string) ([]string, error) {
 	}
 	now := s.nowNanos()
 	var out []string
+	// One buffer for every key: a scan of millions of records allocates
+	// only for the keys it returns, so it holds each shard's lock for
+	// as short a walk as the shard allows.
+	buf := make([]byte, 0, 128)
 	for i := range s.shards {
+		if err := ctx.Err(); err != nil {
+			return nil, fmt.Errorf("memory scan: %w", err)
+		}
 		sh := &s.shards[i]
 		sh.mu.Lock()
 		if s.closed.Load() {
@@ -304,8 +311,8 @@ func (s *Store) Scan(ctx context.Context, prefix string) ([]string, error) {
 			if expires != 0 && now >= expires {
 				return
 			}
-			if k := sh.t.codec.unpack(packed); strings.HasPrefix(k, prefix) {
-				out = append(out, k)
+			if buf = sh.t.codec.appendKey(buf[:0], packed); bytes.HasPrefix(buf, []byte(prefix)) {
+				out = append(out, string(buf))
 			}
 		})
 		sh.mu.Unlock()

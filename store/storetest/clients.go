@@ -76,6 +76,25 @@ func testFindClient(t *testing.T, r *runner) {
 	}
 
 	// The whole /32 holds both clients.
+	// A page at a time, in key order: every record once.
+	var paged []store.Record
+	for after, pages := "", 0; ; pages++ {
+		page, next, err := store.FindClientPage(e.ctx, e.s, net32, after, 4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(page) > 4 || pages > 2 {
+			t.Fatalf("page %d: %d records, next %q", pages, len(page), next)
+		}
+		paged = append(paged, page...)
+		if next == "" {
+			break
+		}
+		after = next
+	}
+	if got := keysOf(paged); len(got) != 6 || len(slices.Compact(slices.Clone(got))) != 6 {
+		t.Fatalf("FindClientPage(%s) pages gave %v, want the 6 keys once each", net32, got)
+	}
 	all, err := store.FindClient(e.ctx, e.s, net32)
 	if err != nil {
 		t.Fatal(err)
