@@ -9,6 +9,8 @@ import (
 	"io"
 	"net"
 	"time"
+
+	"github.com/policyd-mail/policyd/internal/listen"
 )
 
 // Names of the limits, as counted by Config.LimitHit (the limit label of
@@ -18,7 +20,7 @@ const (
 	LimitMacros     = "macros"          // more than MaxMacros macros in one packet
 	LimitIdleTime   = "idle_time"       // no packet within IdleTimeout
 	LimitConnTime   = "connection_time" // a connection open longer than MaxConnTime
-	LimitConns      = "connections"     // a connection refused over MaxConns
+	LimitConns      = listen.LimitConns // a connection refused or closed at MaxConns
 )
 
 // LimitNames lists every limit this front-end counts, so a counter can
@@ -88,6 +90,7 @@ func (c *conn) next() ([]byte, error) {
 	if err := checkPacket(pkt[4], pkt[5:], c.srv.cfg.MaxMacros); err != nil {
 		return nil, err
 	}
+	c.Touch()
 	return pkt, nil
 }
 
@@ -96,7 +99,7 @@ func (c *conn) next() ([]byte, error) {
 // says which limit it is.
 func (c *conn) deadline() string {
 	d, kind := time.Now().Add(c.srv.cfg.IdleTimeout), LimitIdleTime
-	if end := c.born.Add(c.srv.cfg.MaxConnTime); end.Before(d) {
+	if end := c.Born.Add(c.srv.cfg.MaxConnTime); end.Before(d) {
 		d, kind = end, LimitConnTime
 	}
 	_ = c.Conn.SetReadDeadline(d)

@@ -11,6 +11,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/listen"
 	"github.com/policyd-mail/policyd/internal/testsync"
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/rules/rulestest"
@@ -65,20 +66,18 @@ func TestMacroBytesBounded(t *testing.T) {
 			t.Fatalf("reply %d: %v", i, err)
 		}
 	}
-	srv.mu.Lock()
-	defer srv.mu.Unlock()
-	if len(srv.conns) != 1 {
-		t.Fatalf("%d connections open, want the one", len(srv.conns))
+	if n := srv.Open(); n != 1 {
+		t.Fatalf("%d connections open, want the one", n)
 	}
-	for c := range srv.conns {
-		m := c.sess.Load()
+	srv.gate.Each(func(gc *listen.Conn) {
+		m := gc.Owner.(*conn).sess.Load()
 		m.mu.Lock()
 		n, kept := m.macroBytes, len(m.macros)
 		m.mu.Unlock()
 		if n > maxMacroBytes {
 			t.Errorf("the connection keeps %d bytes of macros (%d macros), bound %d", n, kept, maxMacroBytes)
 		}
-	}
+	})
 }
 
 // go-milter's own lines reach the log at most once per interval.

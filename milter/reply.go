@@ -20,9 +20,6 @@ const (
 	stageContent  // headers, body, end of message
 )
 
-// maxText keeps a reply inside SMTP's 512-byte line.
-const maxText = 400
-
 // replyFor turns a refusal into the SMTP reply the MTA is to give
 // (SPEC §3): DENYSOFT is 451 behind a milter, not the policy protocol's
 // 450; at connect and helo only a 421 makes Postfix hang up, so both
@@ -51,26 +48,12 @@ func response(r rules.Reply) *gomilter.CustomResponse {
 	return gomilter.NewResponseStr(byte(gomilter.ActReplyCode), strconv.Itoa(r.Code)+" "+r.Enhanced+" "+escapeText(r.Text))
 }
 
-// escapeText keeps a text on one line and doubles '%', which Sendmail
-// reads as a format and Postfix undoubles.
+// escapeText keeps a text on one line (rules.CleanText) and doubles '%',
+// which Sendmail reads as a format and Postfix undoubles.
 func escapeText(s string) string {
-	if len(s) > maxText {
-		s = s[:maxText]
-	}
-	if !strings.ContainsAny(s, "%\r\n\x00") {
+	s = rules.CleanText(s)
+	if !strings.Contains(s, "%") {
 		return s
 	}
-	var b strings.Builder
-	b.Grow(len(s) + 8)
-	for i := 0; i < len(s); i++ {
-		switch c := s[i]; c {
-		case '%':
-			b.WriteString("%%")
-		case '\r', '\n', 0:
-			b.WriteByte(' ')
-		default:
-			b.WriteByte(c)
-		}
-	}
-	return b.String()
+	return strings.ReplaceAll(s, "%", "%%")
 }

@@ -12,6 +12,7 @@ package milter
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"io"
@@ -23,7 +24,7 @@ import (
 
 	gomilter "github.com/emersion/go-milter"
 
-	"github.com/policyd-mail/policyd/internal/ratelog"
+	"github.com/policyd-mail/policyd/internal/listen"
 	"github.com/policyd-mail/policyd/rules"
 )
 
@@ -58,7 +59,10 @@ type Config struct {
 	// milter_content_timeout (300s).
 	MaxCommandDelay time.Duration
 	MaxContentDelay time.Duration
-	MaxConns        int
+	// MaxConns bounds open connections; at the cap, one silent for
+	// MinIdle or longer is closed for a new one (listen.Gate).
+	MaxConns int
+	MinIdle  time.Duration
 	// MaxPacket bounds one milter packet, MaxMacros the macros in one.
 	MaxPacket uint32
 	MaxMacros int
@@ -74,21 +78,15 @@ type Config struct {
 }
 
 func (c *Config) defaults() {
-	setDur(&c.IdleTimeout, DefaultIdleTimeout)
-	setDur(&c.WriteTimeout, 30*time.Second)
-	setDur(&c.MaxConnTime, DefaultMaxConnTime)
-	setDur(&c.MaxCommandDelay, 25*time.Second)
-	setDur(&c.MaxContentDelay, 250*time.Second)
-	setDur(&c.LogEvery, time.Second)
-	if c.MaxConns == 0 {
-		c.MaxConns = DefaultMaxConns
-	}
-	if c.MaxPacket == 0 {
-		c.MaxPacket = DefaultMaxPacket
-	}
-	if c.MaxMacros == 0 {
-		c.MaxMacros = DefaultMaxMacros
-	}
+	c.IdleTimeout = cmp.Or(c.IdleTimeout, DefaultIdleTimeout)
+	c.WriteTimeout = cmp.Or(c.WriteTimeout, 30*time.Second)
+	c.MaxConnTime = cmp.Or(c.MaxConnTime, DefaultMaxConnTime)
+	c.MaxCommandDelay = cmp.Or(c.MaxCommandDelay, 25*time.Second)
+	c.MaxContentDelay = cmp.Or(c.MaxContentDelay, 250*time.Second)
+	c.LogEvery = cmp.Or(c.LogEvery, time.Second)
+	c.MaxConns = cmp.Or(c.MaxConns, DefaultMaxConns)
+	c.MaxPacket = cmp.Or(c.MaxPacket, DefaultMaxPacket)
+	c.MaxMacros = cmp.Or(c.MaxMacros, DefaultMaxMacros)
 	if c.LimitHit == nil {
 		c.LimitHit = func(string) {}
 	}
@@ -100,55 +98,37 @@ func (c *Config) defaults() {
 	}
 }
 
-func setDur(d *time.Duration, def time.Duration) {
-	if *d == 0 {
-		*d = def
-	}
-}
-
 // Server serves milter connections.
 type Server struct {
 	cfg   Config
 	chain func() *rules.Chain
 	log   *slog.Logger
-
-	mu       sync.Mutex
-	conns    map[*conn]struct{}
-	lns      map[*listener]struct{}
-	shutting atomic.Bool
-	wg       sync.WaitGroup // open connections
-	stop     chan struct{}
-	connSeq  atomic.Uint64
-	dropLog  *ratelog.Limiter // too many connections
-	badLog   *ratelog.Limiter // a connection dropped
+	gate  *listen.Gate
 }
 
 // New makes a server; chain returns the chain new sessions start on.
 func New(cfg Config, chain func() *rules.Chain) *Server {
 	cfg.defaults()
-	every := max(cfg.LogEvery, 0)
+	log := cfg.Logger.With("protocol", "milter")
 	return &Server{
-		cfg:     cfg,
-		chain:   chain,
-		log:     cfg.Logger.With("protocol", "milter"),
-		conns:   map[*conn]struct{}{},
-		lns:     map[*listener]struct{}{},
-		stop:    make(chan struct{}),
-		dropLog: ratelog.New(every),
-		badLog:  ratelog.New(every),
+		cfg:   cfg,
+		chain: chain,
+		log:   log,
+		// One connection is one SMTP session: shutdown waits for the
+		// MTA to end each.
+		gate: listen.NewGate(listen.GateConfig{
+			Name: "milter", MaxConns: cfg.MaxConns, MinIdle: cfg.MinIdle,
+			LimitHit: cfg.LimitHit, LogEvery: cfg.LogEvery, Logger: log,
+		}),
 	}
 }
 
 // Serve accepts milter connections on ln until Shutdown.
 func (s *Server) Serve(ln net.Listener) error {
-	l := &listener{Listener: ln, srv: s, sem: make(chan struct{}, s.cfg.MaxConns)}
-	s.mu.Lock()
-	if s.shutting.Load() {
-		s.mu.Unlock()
+	if !s.gate.Listen(ln) {
 		return net.ErrClosed
 	}
-	s.lns[l] = struct{}{}
-	s.mu.Unlock()
+	l := &listener{Listener: ln, srv: s}
 	gs := &gomilter.Server{
 		NewMilter: l.newSession,
 		// Only the envelope and the end of the message matter to the
@@ -156,55 +136,31 @@ func (s *Server) Serve(ln net.Listener) error {
 		Protocol: gomilter.OptNoBody | gomilter.OptNoHeaders,
 	}
 	err := gs.Serve(l)
-	if s.shutting.Load() || errors.Is(err, net.ErrClosed) {
+	if s.gate.Shutting() || errors.Is(err, net.ErrClosed) {
 		return nil
 	}
 	return err
 }
 
-// listener hands go-milter connections that are bounded in number, carry
-// deadlines and report their closing.
+// listener hands go-milter the connections the gate admits, wrapped so
+// they carry deadlines and report their closing.
 type listener struct {
 	net.Listener
 	srv  *Server
-	sem  chan struct{}
 	last *conn // the conn just accepted, for the NewMilter call that follows
 }
 
-// Accept admits a connection within the limit. go-milter calls NewMilter
-// right after Accept in the same goroutine, so last is handed over there.
+// Accept admits a connection. go-milter calls NewMilter right after
+// Accept in the same goroutine, so last is handed over there.
 func (l *listener) Accept() (net.Conn, error) {
-	var backoff time.Duration
-	for {
-		nc, err := l.Listener.Accept()
-		if err != nil {
-			if l.srv.shutting.Load() || errors.Is(err, net.ErrClosed) {
-				return nil, net.ErrClosed
-			}
-			l.srv.log.Error("milter accept failed", "err", err)
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			time.Sleep(backoff)
-			continue
-		}
-		select {
-		case l.sem <- struct{}{}:
-		default:
-			l.srv.cfg.LimitHit(LimitConns)
-			if n, ok := l.srv.dropLog.Allow(time.Now()); ok {
-				l.srv.log.Warn("too many milter connections, closing new one", "limit", l.srv.cfg.MaxConns, "remote", nc.RemoteAddr().String(), "suppressed", n)
-			}
-			nc.Close()
-			continue
-		}
-		c := &conn{Conn: nc, srv: l.srv, id: l.srv.connSeq.Add(1), born: time.Now(), release: func() { <-l.sem }}
-		if !l.srv.track(c) {
-			nc.Close()
-			<-l.sem
-			return nil, net.ErrClosed
-		}
-		l.last = c
-		return c, nil
+	gc, err := l.srv.gate.Accept(l.Listener)
+	if err != nil {
+		return nil, err
 	}
+	c := &conn{Conn: gc, srv: l.srv}
+	gc.Owner = c
+	l.last = c
+	return c, nil
 }
 
 // newSession is go-milter's NewMilter. It is also called if go-milter
@@ -229,28 +185,14 @@ func (noSession) Body(*gomilter.Modifier) (gomilter.Response, error) {
 	return gomilter.RespContinue, nil
 }
 
-func (s *Server) track(c *conn) bool {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	if s.shutting.Load() {
-		return false
-	}
-	s.conns[c] = struct{}{}
-	s.wg.Add(1)
-	return true
-}
-
 // conn is one MTA connection: deadlines on every read and write, whole
 // checked packets only (guard.go), and the session's end hooks when it
 // closes, whoever closes it.
 type conn struct {
-	net.Conn
+	*listen.Conn
 	srv     *Server
-	id      uint64
-	born    time.Time
 	sess    atomic.Pointer[session]
-	release func()
-	once    sync.Once
+	ended   sync.Once
 	pending []byte // the rest of the checked packet go-milter is reading
 	buf     []byte // reused for small packets
 	// br batches reads: an MTA writes a command's macro packet and the
@@ -281,15 +223,10 @@ func (c *conn) Read(p []byte) (int, error) {
 
 // dropped counts and logs a connection dropped for err.
 func (s *Server) dropped(c *conn, err *dropError) {
-	if err.limit != "" {
-		s.cfg.LimitHit(err.limit)
+	if c.Evicted() {
+		return // the gate closed it, and said so
 	}
-	if s.shutting.Load() {
-		return
-	}
-	if n, ok := s.badLog.Allow(time.Now()); ok {
-		s.log.Warn("milter connection dropped", "remote", c.RemoteAddr().String(), "reason", err.reason, "limit", err.limit, "suppressed", n)
-	}
+	s.gate.Dropped(c.RemoteAddr().String(), err.reason, err.limit)
 }
 
 func (c *conn) Write(p []byte) (int, error) {
@@ -298,54 +235,20 @@ func (c *conn) Write(p []byte) (int, error) {
 }
 
 func (c *conn) Close() error {
-	err := c.Conn.Close()
-	c.once.Do(func() {
+	err := c.Conn.Conn.Close()
+	c.ended.Do(func() {
 		if m := c.sess.Load(); m != nil {
 			m.end()
 		}
-		c.srv.mu.Lock()
-		delete(c.srv.conns, c)
-		c.srv.mu.Unlock()
-		c.release()
-		c.srv.wg.Done()
 	})
+	c.Release()
 	return err
 }
 
 // Open is the number of open milter connections (SMTP sessions).
-func (s *Server) Open() int {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return len(s.conns)
-}
+func (s *Server) Open() int { return s.gate.Open() }
 
 // Shutdown stops accepting and waits for open sessions to end (the MTA
 // closes each at the end of its SMTP session) until ctx ends; then it
 // closes the rest, and the MTA applies its milter_default_action.
-func (s *Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	if s.shutting.Swap(true) {
-		s.mu.Unlock()
-		return nil
-	}
-	for l := range s.lns {
-		l.Listener.Close()
-	}
-	s.mu.Unlock()
-	done := make(chan struct{})
-	go func() { s.wg.Wait(); close(done) }()
-	select {
-	case <-done:
-		close(s.stop)
-		return nil
-	case <-ctx.Done():
-	}
-	close(s.stop) // cut rule delays short
-	s.mu.Lock()
-	for c := range s.conns {
-		c.Conn.Close() // go-milter's goroutine then calls our Close
-	}
-	s.mu.Unlock()
-	<-done
-	return ctx.Err()
-}
+func (s *Server) Shutdown(ctx context.Context) error { return s.gate.Shutdown(ctx) }

@@ -80,7 +80,7 @@ func (m *session) Connect(host, family string, port uint16, addr net.IP, mod *go
 	m.merge(mod)
 	m.s = rules.NewConversation(m.srv.chain(), "milter", clientAddr(addr, m.macros), int(port), m.srv.cfg.Clock.Now())
 	m.s.ClientName = host
-	m.s.ID = strconv.FormatUint(m.conn.id, 10)
+	m.s.ID = strconv.FormatUint(m.conn.ID, 10)
 	d := m.s.Connect(context.Background())
 	if d.Refuses() && !d.Code.Disconnects() {
 		return m.answer(rules.Decision{Delay: d.Delay}, stageConnect)
@@ -210,11 +210,4 @@ func (m *session) end() {
 }
 
 // hold waits d, cut short by shutdown.
-func (s *Server) hold(d time.Duration) {
-	t := time.NewTimer(d)
-	defer t.Stop()
-	select {
-	case <-t.C:
-	case <-s.stop:
-	}
-}
+func (s *Server) hold(d time.Duration) { s.gate.Hold(d) }

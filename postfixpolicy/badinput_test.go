@@ -207,6 +207,27 @@ func TestLimits(t *testing.T) {
 				}
 			}
 		}, postfixpolicy.LimitConns, "too many policy connections"},
+		// Before, 900 silent connections locked every MTA connection out
+		// for up to 330 s: at the cap, the longest silent one goes.
+		{"silent connections make room", postfixpolicy.Config{MaxConns: 3, MinIdle: 100 * time.Millisecond}, func(t *testing.T, addr string) {
+			var silent []*client
+			for range 3 {
+				silent = append(silent, dial(t, addr))
+			}
+			deadline := time.Now().Add(10 * time.Second)
+			for {
+				c := dial(t, addr)
+				io.WriteString(c.c, rcpt("3"))
+				_ = c.c.SetReadDeadline(deadline)
+				if line, err := c.br.ReadString('\n'); err == nil && line == "action=DUNNO\n" {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatal("a correct client was never let in past the silent ones")
+				}
+			}
+			waitClosed(t, silent[0].c) // the longest silent
+		}, postfixpolicy.LimitConns, "closed the longest silent one for a new one"},
 		{"sessions", postfixpolicy.Config{MaxSessions: 2}, func(t *testing.T, addr string) {
 			// Three smtpd processes, each in a session: one connection each
 			// (a connection's previous session ends when it moves on).

@@ -194,27 +194,6 @@ func action(d rules.Decision) string {
 		return "DUNNO"
 	}
 	r := d.Reply
-	r.Text = clean(r.Text)
+	r.Text = rules.CleanText(r.Text)
 	return r.String()
-}
-
-// maxText keeps a reply inside SMTP's 512-byte line with room for the
-// address context Postfix prepends.
-const maxText = 400
-
-// clean keeps a rule's text on one line: a newline would end the reply
-// and desynchronise the protocol.
-func clean(s string) string {
-	if strings.ContainsAny(s, "\r\n\x00") {
-		s = strings.Map(func(r rune) rune {
-			if r == '\r' || r == '\n' || r == 0 {
-				return ' '
-			}
-			return r
-		}, s)
-	}
-	if len(s) > maxText {
-		s = s[:maxText]
-	}
-	return s
 }

@@ -65,15 +65,6 @@ func TestReadSeveralRequests(t *testing.T) {
 	}
 }
 
-func TestClean(t *testing.T) {
-	if got := clean("a\r\nb\x00c"); got != "a  b c" {
-		t.Errorf("clean = %q", got)
-	}
-	if got := clean(strings.Repeat("x", 1000)); len(got) != maxText {
-		t.Errorf("clean kept %d bytes", len(got))
-	}
-}
-
 func FuzzReadRequest(f *testing.F) {
 	f.Add([]byte("request=smtpd_access_policy\nprotocol_state=RCPT\nclient_address=192.0.2.1\n\n"))
 	f.Add([]byte("a=b\n\nc=d\n"))

@@ -2,6 +2,7 @@ package postfixpolicy
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"io"
@@ -11,9 +12,9 @@ import (
 	"os"
 	"strconv"
 	"sync"
-	"sync/atomic"
 	"time"
 
+	"github.com/policyd-mail/policyd/internal/listen"
 	"github.com/policyd-mail/policyd/internal/ratelog"
 	"github.com/policyd-mail/policyd/rules"
 )
@@ -42,7 +43,7 @@ const (
 	LimitIdleTime    = "idle_time"       // no request within IdleTimeout
 	LimitRequestTime = "request_time"    // a request not complete within RequestTimeout
 	LimitConnTime    = "connection_time" // a connection open longer than MaxConnTime
-	LimitConns       = "connections"     // a connection refused over MaxConns
+	LimitConns       = listen.LimitConns // a connection refused or closed at MaxConns
 	LimitSessions    = "sessions"        // a session ended early over MaxSessions
 )
 
@@ -66,8 +67,10 @@ type Config struct {
 	// MaxDelay caps a rule's delay; keep it well under Postfix's
 	// smtpd_policy_service_timeout (100s by default, 10s recommended).
 	MaxDelay time.Duration
-	// MaxConns bounds open connections per listener.
+	// MaxConns bounds open connections; at the cap, one silent for
+	// MinIdle or longer is closed for a new one (listen.Gate).
 	MaxConns int
+	MinIdle  time.Duration
 	// SessionIdle ends a tracked SMTP session after this long without a
 	// request; MaxSessions bounds how many are tracked.
 	SessionIdle time.Duration
@@ -84,28 +87,18 @@ type Config struct {
 }
 
 func (c *Config) defaults() {
-	if c.Limits.MaxLine == 0 {
-		c.Limits.MaxLine = DefaultLimits.MaxLine
-	}
-	if c.Limits.MaxAttrs == 0 {
-		c.Limits.MaxAttrs = DefaultLimits.MaxAttrs
-	}
-	if c.Limits.MaxRequest == 0 {
-		c.Limits.MaxRequest = DefaultLimits.MaxRequest
-	}
-	setDur(&c.IdleTimeout, DefaultIdleTimeout)
-	setDur(&c.RequestTimeout, 10*time.Second)
-	setDur(&c.WriteTimeout, 10*time.Second)
-	setDur(&c.MaxConnTime, DefaultMaxConnTime)
-	setDur(&c.MaxDelay, 8*time.Second)
-	setDur(&c.SessionIdle, 10*time.Minute)
-	setDur(&c.LogEvery, time.Second)
-	if c.MaxConns == 0 {
-		c.MaxConns = DefaultMaxConns
-	}
-	if c.MaxSessions == 0 {
-		c.MaxSessions = DefaultMaxSessions
-	}
+	c.Limits.MaxLine = cmp.Or(c.Limits.MaxLine, DefaultLimits.MaxLine)
+	c.Limits.MaxAttrs = cmp.Or(c.Limits.MaxAttrs, DefaultLimits.MaxAttrs)
+	c.Limits.MaxRequest = cmp.Or(c.Limits.MaxRequest, DefaultLimits.MaxRequest)
+	c.IdleTimeout = cmp.Or(c.IdleTimeout, DefaultIdleTimeout)
+	c.RequestTimeout = cmp.Or(c.RequestTimeout, 10*time.Second)
+	c.WriteTimeout = cmp.Or(c.WriteTimeout, 10*time.Second)
+	c.MaxConnTime = cmp.Or(c.MaxConnTime, DefaultMaxConnTime)
+	c.MaxDelay = cmp.Or(c.MaxDelay, 8*time.Second)
+	c.SessionIdle = cmp.Or(c.SessionIdle, 10*time.Minute)
+	c.LogEvery = cmp.Or(c.LogEvery, time.Second)
+	c.MaxConns = cmp.Or(c.MaxConns, DefaultMaxConns)
+	c.MaxSessions = cmp.Or(c.MaxSessions, DefaultMaxSessions)
 	if c.LimitHit == nil {
 		c.LimitHit = func(string) {}
 	}
@@ -117,29 +110,17 @@ func (c *Config) defaults() {
 	}
 }
 
-func setDur(d *time.Duration, def time.Duration) {
-	if *d == 0 {
-		*d = def
-	}
-}
-
 // Server answers Postfix policy requests.
 type Server struct {
 	cfg     Config
 	chain   func() *rules.Chain // the current chain, for new sessions
 	tracker *tracker
 	log     *slog.Logger
+	gate    *listen.Gate
 
-	mu        sync.Mutex
-	listeners map[net.Listener]struct{}
-	conns     map[*conn]struct{}
-	shutting  atomic.Bool
-	wg        sync.WaitGroup // connection goroutines
-	stop      chan struct{}  // stops the session sweeper
+	stopOnce  sync.Once
+	stop      chan struct{} // stops the session sweeper
 	sweepDone chan struct{}
-	connSeq   atomic.Uint64
-	dropLog   *ratelog.Limiter // too many connections
-	badLog    *ratelog.Limiter // a connection dropped
 	sessLog   *ratelog.Limiter // too many sessions
 }
 
@@ -149,15 +130,15 @@ func New(cfg Config, chain func() *rules.Chain) *Server {
 	cfg.defaults()
 	every := max(cfg.LogEvery, 0)
 	s := &Server{
-		cfg:       cfg,
-		chain:     chain,
-		log:       cfg.Logger.With("protocol", "policy"),
-		listeners: map[net.Listener]struct{}{},
-		conns:     map[*conn]struct{}{},
+		cfg:   cfg,
+		chain: chain,
+		log:   cfg.Logger.With("protocol", "policy"),
+		gate: listen.NewGate(listen.GateConfig{
+			Name: "policy", MaxConns: cfg.MaxConns, MinIdle: cfg.MinIdle, DrainIdle: true,
+			LimitHit: cfg.LimitHit, LogEvery: cfg.LogEvery, Logger: cfg.Logger.With("protocol", "policy"),
+		}),
 		stop:      make(chan struct{}),
 		sweepDone: make(chan struct{}),
-		dropLog:   ratelog.New(every),
-		badLog:    ratelog.New(every),
 		sessLog:   ratelog.New(every),
 	}
 	s.tracker = newTracker(cfg.MaxSessions, cfg.SessionIdle, s.endSession)
@@ -206,96 +187,35 @@ func (s *Server) Sessions() int { return s.tracker.len() }
 
 // Serve accepts connections on ln until Shutdown.
 func (s *Server) Serve(ln net.Listener) error {
-	s.mu.Lock()
-	if s.shutting.Load() {
-		s.mu.Unlock()
+	if !s.gate.Listen(ln) {
 		return net.ErrClosed
 	}
-	s.listeners[ln] = struct{}{}
-	s.mu.Unlock()
-	sem := make(chan struct{}, s.cfg.MaxConns)
-	var backoff time.Duration
 	for {
-		nc, err := ln.Accept()
+		c, err := s.gate.Accept(ln)
 		if err != nil {
-			if s.shutting.Load() || errors.Is(err, net.ErrClosed) {
-				return nil
-			}
-			// Out of descriptors and the like: wait and go on, as
-			// net/http does, rather than stop serving.
-			s.log.Error("policy accept failed", "err", err)
-			backoff = min(max(2*backoff, 5*time.Millisecond), time.Second)
-			time.Sleep(backoff)
-			continue
+			return nil // closed: by Shutdown, or by whoever owns ln
 		}
-		backoff = 0
-		select {
-		case sem <- struct{}{}:
-		default:
-			s.cfg.LimitHit(LimitConns)
-			if n, ok := s.dropLog.Allow(time.Now()); ok {
-				s.log.Warn("too many policy connections, closing new one", "limit", s.cfg.MaxConns, "remote", nc.RemoteAddr().String(), "suppressed", n)
-			}
-			nc.Close()
-			continue
-		}
-		c := &conn{nc: nc, id: s.connSeq.Add(1)}
-		s.mu.Lock()
-		if s.shutting.Load() {
-			s.mu.Unlock()
-			nc.Close()
-			<-sem
-			return nil
-		}
-		s.conns[c] = struct{}{}
-		s.wg.Add(1)
-		s.mu.Unlock()
-		go func() {
-			defer func() { <-sem }()
-			s.serveConn(c)
-		}()
+		go s.serveConn(c)
 	}
 }
 
-// conn is one Postfix connection; busy is set while a request is being
-// answered, so shutdown closes idle connections at once and lets busy
-// ones finish their request.
-type conn struct {
-	nc   net.Conn
-	id   uint64
-	mu   sync.Mutex
-	busy bool
-	shut bool
-}
-
-func (c *conn) setBusy(b bool) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.busy = b
-	return !c.shut
-}
-
-func (s *Server) serveConn(c *conn) {
+func (s *Server) serveConn(c *listen.Conn) {
 	defer func() {
 		if p := recover(); p != nil {
-			s.log.Error("policy connection panicked", "remote", c.nc.RemoteAddr().String(), "panic", p)
+			s.log.Error("policy connection panicked", "remote", c.RemoteAddr().String(), "panic", p)
 		}
-		c.nc.Close()
-		s.mu.Lock()
-		delete(s.conns, c)
-		s.mu.Unlock()
-		s.wg.Done()
+		c.Release()
 	}()
-	remote := c.nc.RemoteAddr().String()
-	born := time.Now()
+	remote := c.RemoteAddr().String()
+	born := c.Born
 	inRequest := false
-	rd := newReader(c.nc, s.cfg.Limits, func() {
+	rd := newReader(c, s.cfg.Limits, func() {
 		inRequest = true
-		c.setBusy(true)
+		c.SetBusy(true)
 		s.log.Debug("policy request started", "remote", remote)
-		_ = c.nc.SetReadDeadline(time.Now().Add(s.cfg.RequestTimeout))
+		_ = c.SetReadDeadline(time.Now().Add(s.cfg.RequestTimeout))
 	})
-	bw := bufio.NewWriterSize(c.nc, 512)
+	bw := bufio.NewWriterSize(c, 512)
 	var req Request
 	// Each smtpd process has its own policy connection and serves one SMTP
 	// session at a time: when a request of another session comes on this
@@ -307,10 +227,10 @@ func (s *Server) serveConn(c *conn) {
 	var last sessionKey
 	for {
 		inRequest = false
-		wait := s.waitDeadline(c.nc, born)
+		wait := s.waitDeadline(c, born)
 		err := rd.read(&req)
 		if err != nil {
-			if !errors.Is(err, io.EOF) && !s.shutting.Load() {
+			if !errors.Is(err, io.EOF) && !s.gate.Shutting() && !c.Evicted() {
 				if inRequest {
 					wait = LimitRequestTime
 				}
@@ -318,7 +238,7 @@ func (s *Server) serveConn(c *conn) {
 			}
 			return
 		}
-		tg, ok := targetOf(&req, c.id)
+		tg, ok := targetOf(&req, c.ID)
 		if ok && tg.key != last {
 			if last != (sessionKey{}) {
 				s.tracker.end(last)
@@ -327,11 +247,9 @@ func (s *Server) serveConn(c *conn) {
 		}
 		act, delay := s.answerFor(&req, tg, ok)
 		if delay > 0 {
-			if !s.hold(delay) {
-				return
-			}
+			s.gate.Hold(min(delay, s.cfg.MaxDelay))
 		}
-		_ = c.nc.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
+		_ = c.SetWriteDeadline(time.Now().Add(s.cfg.WriteTimeout))
 		bw.WriteString("action=")
 		bw.WriteString(act)
 		bw.WriteString("\n\n")
@@ -339,7 +257,7 @@ func (s *Server) serveConn(c *conn) {
 			s.log.Warn("policy reply not written", "remote", remote, "err", err)
 			return
 		}
-		if !c.setBusy(false) {
+		if !c.SetBusy(false) {
 			return
 		}
 		if time.Since(born) >= s.cfg.MaxConnTime {
@@ -384,12 +302,7 @@ func (s *Server) dropped(remote string, err error, timeout string) {
 			reason = "no request within " + s.cfg.IdleTimeout.String()
 		}
 	}
-	if limit != "" {
-		s.cfg.LimitHit(limit)
-	}
-	if n, ok := s.badLog.Allow(time.Now()); ok {
-		s.log.Warn("policy connection dropped", "remote", remote, "reason", reason, "limit", limit, "suppressed", n)
-	}
+	s.gate.Dropped(remote, reason, limit)
 }
 
 // sessionsOverflow counts and logs sessions the tracker ended early to
@@ -400,18 +313,6 @@ func (s *Server) sessionsOverflow(n int) {
 	}
 	if held, ok := s.sessLog.Allow(time.Now()); ok {
 		s.log.Warn("too many policy sessions tracked, ending the least recently used", "limit", s.cfg.MaxSessions, "ended", n, "suppressed", held)
-	}
-}
-
-// hold waits for a rule's delay, cut short by shutdown.
-func (s *Server) hold(d time.Duration) bool {
-	t := time.NewTimer(min(d, s.cfg.MaxDelay))
-	defer t.Stop()
-	select {
-	case <-t.C:
-		return true
-	case <-s.stop:
-		return true // answer anyway: the request was accepted before shutdown
 	}
 }
 
@@ -501,39 +402,11 @@ func fillSession(sess *rules.Conversation, req *Request) {
 // Shutdown stops accepting, closes idle connections, lets requests in
 // progress finish (until ctx ends), then ends tracked sessions.
 func (s *Server) Shutdown(ctx context.Context) error {
-	s.mu.Lock()
-	if s.shutting.Swap(true) {
-		s.mu.Unlock()
-		return nil
-	}
-	for ln := range s.listeners {
-		ln.Close()
-	}
-	for c := range s.conns {
-		c.mu.Lock()
-		c.shut = true
-		if !c.busy {
-			c.nc.Close()
-		}
-		c.mu.Unlock()
-	}
-	s.mu.Unlock()
-	close(s.stop)
-	<-s.sweepDone
-	done := make(chan struct{})
-	go func() { s.wg.Wait(); close(done) }()
-	var err error
-	select {
-	case <-done:
-	case <-ctx.Done():
-		err = ctx.Err()
-		s.mu.Lock()
-		for c := range s.conns {
-			c.nc.Close()
-		}
-		s.mu.Unlock()
-		<-done
-	}
+	s.stopOnce.Do(func() {
+		close(s.stop)
+		<-s.sweepDone
+	})
+	err := s.gate.Shutdown(ctx)
 	if n := s.tracker.drain(ctx); n > 0 {
 		s.log.Warn("shutdown deadline: sessions ended without their disconnect hooks", "sessions", n)
 	}

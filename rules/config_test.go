@@ -113,3 +113,12 @@ func TestQuotedArguments(t *testing.T) {
 		t.Errorf("rule file text: %s", got)
 	}
 }
+
+func TestCleanText(t *testing.T) {
+	if got := rules.CleanText("a\r\nb\x00c"); got != "a  b c" {
+		t.Errorf("CleanText = %q", got)
+	}
+	if got := rules.CleanText(strings.Repeat("x", 1000)); len(got) != rules.MaxReplyText {
+		t.Errorf("CleanText kept %d bytes", len(got))
+	}
+}

@@ -7,6 +7,7 @@ package rules
 import (
 	"fmt"
 	"strconv"
+	"strings"
 	"time"
 )
 
@@ -120,6 +121,28 @@ func (r Reply) String() string {
 		return strconv.Itoa(r.Code) + " " + r.Text
 	}
 	return fmt.Sprintf("%d %s %s", r.Code, r.Enhanced, r.Text)
+}
+
+// MaxReplyText keeps a reply's text inside SMTP's 512-byte line, with
+// room for the code and the address context an MTA prepends.
+const MaxReplyText = 400
+
+// CleanText is a reply's text as a front-end may send it: on one line (a
+// newline would end the reply and desynchronise the protocol) and at most
+// MaxReplyText bytes.
+func CleanText(s string) string {
+	if strings.ContainsAny(s, "\r\n\x00") {
+		s = strings.Map(func(r rune) rune {
+			if r == '\r' || r == '\n' || r == 0 {
+				return ' '
+			}
+			return r
+		}, s)
+	}
+	if len(s) > MaxReplyText {
+		s = s[:MaxReplyText]
+	}
+	return s
 }
 
 // Default texts, used when a rule gives none (qpsmtpd's behaviour).
