@@ -25,7 +25,7 @@ ARG VERSION=dev
 RUN CGO_ENABLED=0 go build -trimpath -ldflags="-s -w -X main.version=${VERSION}" -o /out/policyd ./cmd/policyd
 # The built-in chain, as files an operator can edit: a volume mounted on
 # /etc/policyd starts from them (or replaces them, for a bind mount).
-RUN mkdir -p /out/etc/policyd /out/var/lib/policyd && cp rules/default/* /out/etc/policyd/
+RUN mkdir -p /out/etc/policyd /out/var/lib/policyd && cp examples/default/* /out/etc/policyd/
 
 FROM gcr.io/distroless/static-debian12:nonroot
 COPY --from=build /out/policyd /usr/local/bin/policyd

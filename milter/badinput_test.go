@@ -14,7 +14,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testsync"
+	"github.com/policyd-mail/policyd/internal/testing/testsync"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/rules/rulestest"
 )

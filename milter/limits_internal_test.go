@@ -12,7 +12,7 @@ import (
 	"time"
 
 	"github.com/policyd-mail/policyd/internal/listen"
-	"github.com/policyd-mail/policyd/internal/testsync"
+	"github.com/policyd-mail/policyd/internal/testing/testsync"
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/rules/rulestest"
 )

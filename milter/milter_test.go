@@ -11,7 +11,7 @@ import (
 
 	gomilter "github.com/emersion/go-milter"
 
-	"github.com/policyd-mail/policyd/internal/frontendtest"
+	"github.com/policyd-mail/policyd/internal/testing/frontendtest"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/rules"
 	_ "github.com/policyd-mail/policyd/rules/all"
@@ -84,7 +84,7 @@ func init() {
 		case "DENYSOFT_DISCONNECT":
 			p.answer = rules.DenySoftDisconnect
 		}
-		return p, nil
+		return &rulestest.Recorder{Answer: p.hook}, nil
 	}})
 }
 
@@ -98,33 +98,6 @@ func (p *probe) hook(h rules.Hook, s *rules.Session) (rules.Result, error) {
 		return rules.Decided(p.answer, p.text), nil
 	}
 	return rules.Result{}, nil
-}
-
-func (p *probe) Connect(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return p.hook(rules.HookConnect, s)
-}
-func (p *probe) Helo(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return p.hook(rules.HookHelo, s)
-}
-func (p *probe) Mail(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return p.hook(rules.HookMail, s)
-}
-func (p *probe) Rcpt(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return p.hook(rules.HookRcpt, s)
-}
-func (p *probe) Data(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return p.hook(rules.HookData, s)
-}
-func (p *probe) DataPost(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return p.hook(rules.HookDataPost, s)
-}
-func (p *probe) ResetTransaction(_ context.Context, s *rules.Session) error {
-	_, err := p.hook(rules.HookResetTransaction, s)
-	return err
-}
-func (p *probe) Disconnect(_ context.Context, s *rules.Session) error {
-	_, err := p.hook(rules.HookDisconnect, s)
-	return err
 }
 
 // serve runs the milter front-end on the harness's chain.

@@ -1,11 +1,11 @@
 package postfixpolicy_test
 
 import (
-	"context"
 	"strings"
 	"sync"
 
 	"github.com/policyd-mail/policyd/rules"
+	"github.com/policyd-mail/policyd/rules/rulestest"
 )
 
 // trace is a test rule that records every hook it is asked, and refuses
@@ -31,7 +31,8 @@ func takeTrace() string {
 
 func init() {
 	rules.Register(rules.Definition{Name: "trace", Setup: func(b *rules.Binder, _ rules.Env) (any, error) {
-		return &trace{deny: b.String("deny", ""), denysoft: b.String("denysoft", "")}, nil
+		t := &trace{deny: b.String("deny", ""), denysoft: b.String("denysoft", "")}
+		return &rulestest.Recorder{Answer: t.hook}, nil
 	}})
 }
 
@@ -50,31 +51,4 @@ func (t *trace) hook(h rules.Hook, s *rules.Session) (rules.Result, error) {
 		return rules.Decided(rules.DenySoft, "later "+what), nil
 	}
 	return rules.Result{}, nil
-}
-
-func (t *trace) Connect(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return t.hook(rules.HookConnect, s)
-}
-func (t *trace) Helo(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return t.hook(rules.HookHelo, s)
-}
-func (t *trace) Mail(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return t.hook(rules.HookMail, s)
-}
-func (t *trace) Rcpt(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return t.hook(rules.HookRcpt, s)
-}
-func (t *trace) Data(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return t.hook(rules.HookData, s)
-}
-func (t *trace) DataPost(_ context.Context, s *rules.Session) (rules.Result, error) {
-	return t.hook(rules.HookDataPost, s)
-}
-func (t *trace) ResetTransaction(_ context.Context, s *rules.Session) error {
-	_, err := t.hook(rules.HookResetTransaction, s)
-	return err
-}
-func (t *trace) Disconnect(_ context.Context, s *rules.Session) error {
-	_, err := t.hook(rules.HookDisconnect, s)
-	return err
 }

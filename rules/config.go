@@ -3,25 +3,21 @@ package rules
 import (
 	"bufio"
 	"bytes"
-	"embed"
 	"errors"
 	"fmt"
 	"io/fs"
 	"path"
 	"strconv"
 	"strings"
+
+	"github.com/policyd-mail/policyd/examples"
 )
 
-// The built-in configuration, used when no config directory exists. It must
-// stay safe for a stranger: a first message from an unknown client is never
-// refused.
-//
-//go:embed default
-var defaultFS embed.FS
-
-// DefaultConfig returns the built-in configuration directory.
+// DefaultConfig returns the built-in configuration directory, used when no
+// config directory exists: examples/default. It must stay safe for a
+// stranger: a first message from an unknown client is never refused.
 func DefaultConfig() fs.FS {
-	sub, err := fs.Sub(defaultFS, "default")
+	sub, err := fs.Sub(examples.Default, "default")
 	if err != nil {
 		panic(err) // the embed pattern guarantees the directory
 	}

@@ -48,7 +48,7 @@ if [ ${#need[@]} -gt 0 ]; then
   fi
 fi
 
-# --- Private Sendmail (internal/testmta.StartSendmail) -----------------------
+# --- Private Sendmail (internal/testing/testmta.StartSendmail) -----------------------
 #
 # Debian's sendmail-bin conflicts with postfix, so it is never installed:
 # its .debs (and those of sendmail-cf, m4 and libwrap0, whose libwrap.so.0 a

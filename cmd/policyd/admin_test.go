@@ -16,8 +16,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testredis"
-	"github.com/policyd-mail/policyd/internal/testsync"
+	"github.com/policyd-mail/policyd/internal/testing/testredis"
+	"github.com/policyd-mail/policyd/internal/testing/testsync"
 )
 
 // askPolicy sends one RCPT request as a new SMTP session of client.

@@ -550,8 +550,8 @@ func TestDockerfile(t *testing.T) {
 		}
 	}
 	checkEnvTwins(t, "Dockerfile", df)
-	if _, err := os.Stat(filepath.Join(repoRoot, "rules/default/plugins")); err != nil {
-		t.Errorf("the image copies rules/default: %v", err)
+	if _, err := os.Stat(filepath.Join(repoRoot, "examples/default/plugins")); err != nil {
+		t.Errorf("the image copies examples/default: %v", err)
 	}
 	for _, l := range strings.Split(readRepoFile(t, ".dockerignore"), "\n") {
 		if slices.Contains([]string{"go.mod", "go.sum", "cmd", "rules", "*.go", "**/*.go"}, strings.TrimSpace(l)) {
@@ -586,7 +586,7 @@ func TestDockerfile(t *testing.T) {
 	}
 	// The image's default config directory is the built-in chain.
 	var o bytes.Buffer
-	if rc := run([]string{"check", "--config", filepath.Join(repoRoot, "rules/default")}, &o, io.Discard); rc != 0 {
-		t.Errorf("rules/default does not check: %s", o.String())
+	if rc := run([]string{"check", "--config", filepath.Join(repoRoot, "examples/default")}, &o, io.Discard); rc != 0 {
+		t.Errorf("examples/default does not check: %s", o.String())
 	}
 }

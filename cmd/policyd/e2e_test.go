@@ -9,7 +9,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/policyd-mail/policyd/internal/testmta"
+	"github.com/policyd-mail/policyd/internal/testing/testmta"
 )
 
 // deployPolicyOptions runs Postfix with deploy/postfix/main.cf-policy.

@@ -24,7 +24,7 @@ import (
 
 	gomilter "github.com/emersion/go-milter"
 
-	"github.com/policyd-mail/policyd/internal/frontendtest"
+	"github.com/policyd-mail/policyd/internal/testing/frontendtest"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/postfixpolicy"
 )

@@ -12,7 +12,7 @@ import (
 
 	gomilter "github.com/emersion/go-milter"
 
-	"github.com/policyd-mail/policyd/internal/frontendtest"
+	"github.com/policyd-mail/policyd/internal/testing/frontendtest"
 )
 
 func milterMTA(t *testing.T, addr string) *gomilter.ClientSession {

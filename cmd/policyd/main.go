@@ -20,6 +20,7 @@ import (
 	"github.com/policyd-mail/policyd/rules"
 	_ "github.com/policyd-mail/policyd/rules/all"
 	"github.com/policyd-mail/policyd/store/memory"
+	redisstore "github.com/policyd-mail/policyd/store/redis"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -137,7 +138,7 @@ func (o *options) register(fs *flag.FlagSet) {
 		o.stateMaxLoss = l
 		return err
 	})
-	fs.DurationVar(&o.storeTimeout, "store-timeout", 100*time.Millisecond, "bound on every store call")
+	fs.DurationVar(&o.storeTimeout, "store-timeout", redisstore.DefaultTimeout, "bound on every store call")
 	fs.StringVar(&o.onStoreError, "on-store-error", "continue", "answer when the store fails: continue or tempfail")
 	fs.StringVar(&o.adminToken, "admin-token-file", "", "bearer token file for the admin API")
 	fs.BoolVar(&o.dryRun, "dry-run", false, "decide, log and count everything, but tell the MTA to continue")

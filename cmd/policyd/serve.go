@@ -108,8 +108,7 @@ func openStore(o options) (store.Store, error) {
 		return st, nil
 	case strings.HasPrefix(o.storeURL, "redis"):
 		// The Redis store bounds every call by --store-timeout itself
-		// (and fails at once while its breaker is open), so it is not
-		// wrapped in store.WithTimeout. An unreachable Redis does not
+		// (and fails at once while its breaker is open). An unreachable Redis does not
 		// stop start-up: mail flows per --on-store-error until it is back.
 		redisstore.SetClientLogger(slog.Default())
 		st, err := redisstore.Open(o.storeURL, redisstore.Options{Timeout: o.storeTimeout, Logger: slog.Default(), MigrateKeys: true})

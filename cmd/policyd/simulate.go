@@ -15,6 +15,7 @@ import (
 
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/store"
+	redisstore "github.com/policyd-mail/policyd/store/redis"
 )
 
 // simulate runs one SMTP session through the chain, on the store the
@@ -30,7 +31,7 @@ func simulate(args []string, stdout, stderr io.Writer) int {
 	fset.StringVar(&o.config, "config", "", "config directory (default ./config if it exists, else the built-in chain)")
 	fset.StringVar(&o.storeURL, "store", "memory", "store: memory (embedded, under --state-dir), redis://host:port/db, redis+sentinel://h1:p,h2:p/master, redis+cluster://h1:p,h2:p")
 	fset.StringVar(&o.stateDir, "state-dir", "./state", "where the embedded store persists its data")
-	fset.DurationVar(&o.storeTimeout, "store-timeout", 100*time.Millisecond, "bound on every store call")
+	fset.DurationVar(&o.storeTimeout, "store-timeout", redisstore.DefaultTimeout, "bound on every store call")
 	fset.StringVar(&ip, "ip", "", "the client's address (required)")
 	fset.StringVar(&helo, "helo", "", "the client's HELO name; without it the helo hook does not run")
 	fset.StringVar(&from, "from", "", "the envelope sender (default the null sender <>)")

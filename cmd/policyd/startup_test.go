@@ -13,8 +13,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testnet"
-	"github.com/policyd-mail/policyd/internal/testsync"
+	"github.com/policyd-mail/policyd/internal/testing/testnet"
+	"github.com/policyd-mail/policyd/internal/testing/testsync"
 	"github.com/policyd-mail/policyd/store"
 	"github.com/policyd-mail/policyd/store/memory"
 )

@@ -6,13 +6,13 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testredis"
+	"github.com/policyd-mail/policyd/internal/testing/testredis"
 	"github.com/policyd-mail/policyd/store"
 	redisstore "github.com/policyd-mail/policyd/store/redis"
 )
 
-// --store redis://... opens the Redis store, which bounds its own calls
-// (no store.WithTimeout around it), and an unreachable Redis does not stop
+// --store redis://... opens the Redis store, which bounds its own calls,
+// and an unreachable Redis does not stop
 // start-up: calls fail at once with ErrUnavailable instead.
 func TestOpenStoreRedis(t *testing.T) {
 	srv := testredis.Start(t)

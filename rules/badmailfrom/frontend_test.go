@@ -3,7 +3,7 @@ package badmailfrom_test
 import (
 	"testing"
 
-	"github.com/policyd-mail/policyd/internal/frontendtest"
+	"github.com/policyd-mail/policyd/internal/testing/frontendtest"
 	_ "github.com/policyd-mail/policyd/rules/badmailfrom"
 )
 

@@ -4,7 +4,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/frontendtest"
+	"github.com/policyd-mail/policyd/internal/testing/frontendtest"
 )
 
 // A client refused three times is tempfailed at its next connect, behind

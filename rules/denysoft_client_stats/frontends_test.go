@@ -5,7 +5,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/policyd-mail/policyd/internal/frontendtest"
+	"github.com/policyd-mail/policyd/internal/testing/frontendtest"
 )
 
 // A network collects DENYs through client_stats; a new client in it is

@@ -4,7 +4,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/frontendtest"
+	"github.com/policyd-mail/policyd/internal/testing/frontendtest"
 	_ "github.com/policyd-mail/policyd/rules/greylisting"
 )
 

@@ -13,7 +13,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testsync"
+	"github.com/policyd-mail/policyd/internal/testing/testsync"
 )
 
 // smallDisk mounts a tmpfs of size bytes and returns its path. It needs

@@ -38,23 +38,20 @@ func (c *fakeClock) Advance(d time.Duration) {
 
 func TestContract(t *testing.T) {
 	for _, tc := range []struct {
-		name    string
-		opts    Options
-		timeout time.Duration
+		name string
+		opts Options
 	}{
-		{"defaults", Options{SweepInterval: -1}, 0},
+		{"defaults", Options{SweepInterval: -1}},
 		// One shard funnels every key through one map and lock; a 1ms
 		// sweeper races with the suite's operations under -race.
-		{"one shard busy sweeper", Options{Shards: 1, SweepInterval: time.Millisecond}, 0},
-		// The timeout wrapper must be transparent to a backend that answers.
-		{"behind store.WithTimeout", Options{SweepInterval: -1}, time.Second},
+		{"one shard busy sweeper", Options{Shards: 1, SweepInterval: time.Millisecond}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			clock := newFakeClock()
 			opts := tc.opts
 			opts.Now = clock.Now
 			storetest.Run(t, storetest.Harness{
-				New:     func(*testing.T) store.Store { return store.WithTimeout(New(opts), tc.timeout) },
+				New:     func(*testing.T) store.Store { return New(opts) },
 				Advance: func(_ *testing.T, d time.Duration) { clock.Advance(d) },
 			})
 		})

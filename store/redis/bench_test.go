@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testredis"
+	"github.com/policyd-mail/policyd/internal/testing/testredis"
 	"github.com/policyd-mail/policyd/store"
 )
 

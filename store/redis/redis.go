@@ -55,9 +55,13 @@ type Options struct {
 	Logger *slog.Logger
 }
 
+// DefaultTimeout bounds every call unless Options.Timeout says otherwise;
+// it is also --store-timeout's default.
+const DefaultTimeout = 100 * time.Millisecond
+
 func (o *Options) defaults() {
 	if o.Timeout <= 0 {
-		o.Timeout = 100 * time.Millisecond
+		o.Timeout = DefaultTimeout
 	}
 	if o.DialTimeout <= 0 {
 		o.DialTimeout = time.Second

@@ -10,7 +10,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testredis"
+	"github.com/policyd-mail/policyd/internal/testing/testredis"
 	"github.com/policyd-mail/policyd/store"
 	"github.com/policyd-mail/policyd/store/storetest"
 )

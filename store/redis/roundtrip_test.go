@@ -10,7 +10,7 @@ import (
 
 	goredis "github.com/redis/go-redis/v9"
 
-	"github.com/policyd-mail/policyd/internal/testredis"
+	"github.com/policyd-mail/policyd/internal/testing/testredis"
 	"github.com/policyd-mail/policyd/store"
 )
 

@@ -23,8 +23,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testnet"
-	"github.com/policyd-mail/policyd/internal/testsync"
+	"github.com/policyd-mail/policyd/internal/testing/testnet"
+	"github.com/policyd-mail/policyd/internal/testing/testsync"
 )
 
 // SendmailRootEnv names the environment variable that, when set, points at

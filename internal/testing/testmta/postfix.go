@@ -32,8 +32,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testnet"
-	"github.com/policyd-mail/policyd/internal/testsync"
+	"github.com/policyd-mail/policyd/internal/testing/testnet"
+	"github.com/policyd-mail/policyd/internal/testing/testsync"
 )
 
 // Options configures a private Postfix instance.

@@ -18,7 +18,7 @@ import (
 
 	gomilter "github.com/emersion/go-milter"
 
-	"github.com/policyd-mail/policyd/internal/testredis"
+	"github.com/policyd-mail/policyd/internal/testing/testredis"
 	"github.com/policyd-mail/policyd/milter"
 	"github.com/policyd-mail/policyd/postfixpolicy"
 	"github.com/policyd-mail/policyd/rules"

@@ -7,8 +7,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testnet"
-	"github.com/policyd-mail/policyd/internal/testsync"
+	"github.com/policyd-mail/policyd/internal/testing/testnet"
+	"github.com/policyd-mail/policyd/internal/testing/testsync"
 )
 
 // How long a Sentinel set or a Cluster may take to form.

@@ -25,8 +25,8 @@ import (
 	"testing"
 	"time"
 
-	"github.com/policyd-mail/policyd/internal/testnet"
-	"github.com/policyd-mail/policyd/internal/testsync"
+	"github.com/policyd-mail/policyd/internal/testing/testnet"
+	"github.com/policyd-mail/policyd/internal/testing/testsync"
 )
 
 // How long a server may take to answer PING after start, and to exit
