@@ -47,9 +47,9 @@ type Options struct {
 	// smtpd_milters = inet:MilterAddr with milter_protocol = 6 and
 	// milter_default_action = tempfail.
 	MilterAddr string
-	// ExtraMainCF lines are appended to main.cf as they are; a later
-	// setting of a parameter overrides an earlier one, so these can
-	// override any default chosen by Start.
+	// ExtraMainCF lines are main.cf settings: one of a parameter Start
+	// already sets replaces it where it stands, others are appended, so
+	// main.cf never sets a parameter twice.
 	ExtraMainCF []string
 }
 
@@ -420,12 +420,53 @@ func (p *Postfix) mainCF(o Options) string {
 		w("smtpd_milters =")
 	}
 	w("non_smtpd_milters =")
-	if len(o.ExtraMainCF) > 0 {
-		w("")
-		w("# Options.ExtraMainCF")
-		for _, l := range o.ExtraMainCF {
-			w("%s", l)
+	return mergeMainCF(b.String(), o.ExtraMainCF)
+}
+
+// mergeMainCF applies extra main.cf lines to base: a parameter base sets
+// already is replaced where it stands, a new one is appended. Postfix
+// takes the last of duplicate settings, but warns about each at every
+// start, and with logging through postlogd those warnings stalled
+// smtpd's first banner on a fresh machine. A line that starts with
+// white space continues the parameter before it.
+func mergeMainCF(base string, extra []string) string {
+	type param struct{ name, text string }
+	var params []param
+	index := map[string]int{}
+	add := func(lines []string, replace bool) {
+		last := -1
+		for _, l := range lines {
+			if l == "" || strings.HasPrefix(l, "#") {
+				params = append(params, param{text: l})
+				last = -1
+				continue
+			}
+			if l[0] == ' ' || l[0] == '\t' {
+				if last >= 0 {
+					params[last].text += "\n" + l
+				}
+				continue
+			}
+			name, _, _ := strings.Cut(l, "=")
+			name = strings.TrimSpace(name)
+			if i, ok := index[name]; ok && replace {
+				params[i].text, last = l, i
+				continue
+			}
+			index[name] = len(params)
+			last = len(params)
+			params = append(params, param{name, l})
 		}
+	}
+	add(strings.Split(strings.TrimSuffix(base, "\n"), "\n"), false)
+	if len(extra) > 0 {
+		params = append(params, param{}, param{text: "# Options.ExtraMainCF"})
+		add(extra, true)
+	}
+	var b strings.Builder
+	for _, p := range params {
+		b.WriteString(p.text)
+		b.WriteByte('\n')
 	}
 	return b.String()
 }

@@ -308,3 +308,20 @@ func TestReadReply(t *testing.T) {
 		t.Errorf("code change within a reply accepted: %#v", r)
 	}
 }
+
+// Extra settings replace the ones Start writes instead of repeating them
+// (Postfix warns about each duplicate at every start), continuation lines
+// stay with their parameter, and new ones are appended.
+func TestMergeMainCF(t *testing.T) {
+	base := "# head\nmynetworks = 127.0.0.0/8\nrelay_domains =\nsmtpd_milters =\n"
+	got := mergeMainCF(base, []string{"mynetworks = 127.0.0.1/32", "smtpd_recipient_restrictions =", "    check_policy_service inet:127.0.0.1:1", "relay_domains = example.test"})
+	want := "# head\nmynetworks = 127.0.0.1/32\nrelay_domains = example.test\nsmtpd_milters =\n\n# Options.ExtraMainCF\nsmtpd_recipient_restrictions =\n    check_policy_service inet:127.0.0.1:1\n"
+	if got != want {
+		t.Errorf("mergeMainCF =\n%s\nwant\n%s", got, want)
+	}
+	for _, name := range []string{"mynetworks", "relay_domains"} {
+		if n := strings.Count(got, "\n"+name+" ="); n != 1 {
+			t.Errorf("%s set %d times", name, n)
+		}
+	}
+}
