@@ -240,6 +240,19 @@ func (r *Registry) LimitHits(protocol string, limits ...string) func(limit strin
 	return func(limit string) { r.limitHits.WithLabelValues(protocol, limit).Inc() }
 }
 
+// DryRun exports policyd_dry_run: 1 while --dry-run tells the MTA to
+// continue whatever the rules decide.
+func (r *Registry) DryRun(on bool) {
+	v := 0.0
+	if on {
+		v = 1
+	}
+	g := prometheus.NewGauge(prometheus.GaugeOpts{Namespace: Namespace, Name: "dry_run",
+		Help: "1 while --dry-run is on: every rule decides and records, the MTA is told to continue."})
+	g.Set(v)
+	r.reg.MustRegister(g)
+}
+
 // ConfigReload counts one reload of the configuration directory.
 func (r *Registry) ConfigReload(ok bool) {
 	if ok {

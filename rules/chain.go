@@ -79,6 +79,8 @@ type entry struct {
 	errLog    *ratelog.Limiter
 	// warnOverride says once that code or enhanced did not apply.
 	warnOverride sync.Once
+	// neverRefuses: see Definition.NeverRefuses.
+	neverRefuses bool
 }
 
 type override struct {
@@ -118,7 +120,7 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		def, _ := lookup(pl.Rule)
 		settings := settingsFor(fsys, dir, pl, def, &errs)
 		b := newBinder(pl.Name, settings, pl.Pos, &errs, &warns)
-		e := &entry{name: pl.Name, pos: pl.Pos}
+		e := &entry{name: pl.Name, pos: pl.Pos, neverRefuses: def.NeverRefuses}
 		e.dryRun = b.Bool("dry_run", false)
 		e.ovr.code = int(b.Int("code", 0, 400, 599))
 		e.ovr.enhanced = b.String("enhanced", "")

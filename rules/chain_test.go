@@ -238,15 +238,18 @@ func TestRun(t *testing.T) {
 			wantLogs:  2,
 		},
 		{
-			name:      "global dry run decides but does not refuse, and observes nothing",
+			// Before, a trial stopped at the first would-be decision: the
+			// rules behind it neither logged nor built their state.
+			name:      "global dry run: every rule decides and is observed, none refuses",
 			plugins:   "probe:0 answer DENY\nprobe:1 answer DENYSOFT",
 			opts:      rulestest.Options{DryRun: true},
 			wantCode:  rules.Deny,
 			wantRule:  "probe:0",
 			wantReply: "550 5.7.1 Access denied",
 			wantDry:   true,
-			wantCalls: []string{"probe:0 connect"},
-			wantLogs:  1,
+			wantCalls: []string{"probe:0 connect", "probe:0 deny-observer connect probe:0 DENY", "probe:1 deny-observer connect probe:0 DENY",
+				"probe:1 connect", "probe:0 deny-observer connect probe:1 DENYSOFT", "probe:1 deny-observer connect probe:1 DENYSOFT"},
+			wantLogs: 2,
 		},
 		{
 			name:      "disconnect runs every rule and ignores answers and errors",

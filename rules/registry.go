@@ -24,6 +24,10 @@ type Definition struct {
 	// (no blank after the first word) to the rule as settings with an
 	// empty Key, read with Binder.Lines, instead of rejecting them.
 	RawLines bool
+	// NeverRefuses marks a rule that only records or marks (client_stats,
+	// whitelist): when it cannot reach the store, --on-store-error
+	// tempfail must not turn that into a refusal nobody decided.
+	NeverRefuses bool
 }
 
 var (

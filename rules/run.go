@@ -30,11 +30,14 @@ func (c *Chain) Run(ctx context.Context, h Hook, s *Session) Decision {
 
 // run is SPEC §3 for one hook:
 //  1. each rule in plugins order answers; one that cannot decide answers
-//     what --on-store-error says (DECLINED, or the tempfail text);
+//     what --on-store-error says (DECLINED, or the tempfail text, but
+//     never for a rule that never refuses or a whitelisted client);
 //  2. DECLINED passes on, adding its delay (a tarpit) to the hook's answer;
 //  3. the first other answer is the decision, with the rule's reply
 //     overrides, its log line and its metric;
 //  4. a rule on trial (dry_run) decides on paper only: the hook goes on;
+//     in a global trial (--dry-run) every rule decides, the observers see
+//     each would-be decision, and the first is returned, marked DryRun;
 //  5. the deny or ok observers see the decision the MTA is given.
 //
 // Reset and disconnect only notify: every rule runs, answers are ignored.
@@ -44,6 +47,7 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 		return Decision{Hook: h}
 	}
 	var t delays
+	var first *Decision // a global trial's first would-be decision
 	for i, e := range c.hooks[h] {
 		res, err, answered := c.answer(ctx, e, c.fns[h][i], h, s) // 1
 		if !answered {
@@ -62,13 +66,24 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 			// delays of the rules not on trial only.
 			d.Delay = t.given
 		}
-		if e.dryRun && !c.opts.DryRun { // 4: must not hide the rules after it
+		if c.opts.DryRun { // 4: a trial shows what every rule would do
+			c.observe(ctx, s, d)
+			if first == nil {
+				first = &d
+			}
+			continue
+		}
+		if e.dryRun { // 4: must not hide the rules after it
 			continue
 		}
 		if !d.DryRun { // 5
 			c.observe(ctx, s, d)
 		}
 		return d
+	}
+	if first != nil {
+		first.Delay = t.given
+		return *first
 	}
 	return Decision{Hook: h, Delay: t.given}
 }
@@ -101,7 +116,9 @@ func (c *Chain) answer(ctx context.Context, e *entry, f hookFunc, h Hook, s *Ses
 	}
 	if err != nil {
 		c.errors.Add(1)
-		if c.opts.OnStoreError == FailOpen {
+		// A rule that never refuses has nothing to refuse for, and a
+		// whitelisted client is exempt from the rules it could reach.
+		if c.opts.OnStoreError == FailOpen || e.neverRefuses || s.Whitelisted() {
 			return Result{}, err, false
 		}
 		res = Result{Code: DenySoft, Text: tempfailText}

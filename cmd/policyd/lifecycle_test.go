@@ -86,6 +86,10 @@ func TestDaemonGlobalDryRun(t *testing.T) {
 	cfg := t.TempDir()
 	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 1\n"), 0o644)
 	d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir(), "--dry-run", "--milter-listen", "127.0.0.1:0")
+	// A trial is said at start, not only in each decision's line.
+	if !strings.Contains(d.log.String(), "dry run: every rule decides") {
+		t.Errorf("no dry-run line at start:\n%s", d.log.String())
+	}
 	for i := 1; i <= 2; i++ {
 		if got := askPolicy(t, d.policy, "192.0.2.31", string(rune('0'+i)), "s@example.org"); got != "action=DUNNO" {
 			t.Fatalf("policy session %d under --dry-run: %s", i, got)

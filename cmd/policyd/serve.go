@@ -208,6 +208,10 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 		return nil, err
 	}
 	d.chain.Store(c)
+	m.DryRun(o.dryRun)
+	if o.dryRun {
+		log.Warn("dry run: every rule decides, logs and records its state as it would live, and the MTA is told to continue; forget a client to undo what the trial recorded of it")
+	}
 	fronts := []struct {
 		name string
 		mk   func() frontEnd

@@ -14,7 +14,7 @@ import (
 )
 
 func init() {
-	rules.Register(rules.Definition{Name: "client_stats", Setup: setup})
+	rules.Register(rules.Definition{Name: "client_stats", Setup: setup, NeverRefuses: true})
 }
 
 // NoteKey is the connection note holding the client's Stats, set at
