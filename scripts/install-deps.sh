@@ -53,13 +53,13 @@ fi
 # Debian's sendmail-bin conflicts with postfix, so it is never installed:
 # its .debs (and those of sendmail-cf, m4 and libwrap0, whose libwrap.so.0 a
 # Postfix machine lacks) are downloaded and unpacked with dpkg-deb -x into
-# .cache/sendmail (or $POLICYD_SENDMAIL_ROOT). The sendmail binary there has
+# .cache/sendmail (or $TESTMTA_SENDMAIL_ROOT). The sendmail binary there has
 # its setgid bit removed: a setgid binary ignores LD_LIBRARY_PATH, which the
 # tests point at the unpacked libwrap0. Nothing is installed system-wide
 # except, if missing, ordinary shared-library packages sendmail-bin links
 # against (libdb5.3, libldap, libsasl2, ...), which coexist with Postfix.
 
-sm_root=${POLICYD_SENDMAIL_ROOT:-.cache/sendmail}
+sm_root=${TESTMTA_SENDMAIL_ROOT:-.cache/sendmail}
 case $sm_root in /*) ;; *) sm_root=$repo/$sm_root ;; esac # as the tests take it
 sm_stamp=$sm_root/.provisioned
 sm_pkgs=(sendmail-bin sendmail-cf m4 libwrap0)

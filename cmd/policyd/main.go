@@ -11,6 +11,7 @@ import (
 	"log/slog"
 	"os"
 	"runtime/debug"
+	"sort"
 	"strconv"
 	"strings"
 	"time"
@@ -34,6 +35,11 @@ func run(args []string, stdout, stderr io.Writer) int {
 	cmd := "serve"
 	if len(args) > 0 && !strings.HasPrefix(args[0], "-") {
 		cmd, args = args[0], args[1:]
+	}
+	if cmd == "serve" && len(args) == 1 && (args[0] == "-h" || args[0] == "-help" || args[0] == "--help") {
+		// policyd --help: what the commands are, then serve's flags.
+		usage(stdout)
+		fmt.Fprintln(stdout)
 	}
 	switch cmd {
 	case "serve":
@@ -204,7 +210,7 @@ func parseFlags(fs *flag.FlagSet, args []string, env func(string) (string, bool)
 		if given[f.Name] {
 			return
 		}
-		name := "POLICYD_" + strings.ToUpper(strings.ReplaceAll(f.Name, "-", "_"))
+		name := envName(f.Name)
 		// Set but empty counts: POLICYD_MILTER_LISTEN= disables the listener.
 		if v, ok := env(name); ok {
 			if err := f.Value.Set(v); err != nil {
@@ -213,6 +219,37 @@ func parseFlags(fs *flag.FlagSet, args []string, env func(string) (string, bool)
 		}
 	})
 	return errors.Join(errs...)
+}
+
+// envName is a flag's environment twin: --state-dir is POLICYD_STATE_DIR.
+func envName(flag string) string {
+	return "POLICYD_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
+}
+
+// unknownEnv refuses POLICYD_* variables that no flag of fs reads: a
+// misspelt POLICYD_STOR in a systemd drop-in would otherwise run one host
+// of a fleet on its private store without a word.
+func unknownEnv(fs *flag.FlagSet, environ []string) error {
+	known := map[string]bool{}
+	var names []string
+	fs.VisitAll(func(f *flag.Flag) {
+		known[envName(f.Name)] = true
+		names = append(names, envName(f.Name))
+	})
+	var bad []string
+	for _, kv := range environ {
+		k, _, _ := strings.Cut(kv, "=")
+		if strings.HasPrefix(k, "POLICYD_") && !known[k] {
+			bad = append(bad, k)
+		}
+	}
+	if len(bad) == 0 {
+		return nil
+	}
+	sort.Strings(bad)
+	sort.Strings(names)
+	return fmt.Errorf("unknown environment variable %s: no flag reads it (a typo?); the known ones are %s",
+		strings.Join(bad, ", "), strings.Join(names, " "))
 }
 
 func newLogger(w io.Writer, format, level string) (*slog.Logger, error) {
@@ -255,6 +292,9 @@ func check(args []string, stdout, stderr io.Writer) int {
 	fset.SetOutput(stderr)
 	dir := fset.String("config", "", "config directory to check")
 	if err := parseFlags(fset, args, os.LookupEnv); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
 		fmt.Fprintln(stderr, "policyd check:", err)
 		return 2
 	}

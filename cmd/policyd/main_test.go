@@ -5,6 +5,7 @@ import (
 	"flag"
 	"io"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -129,5 +130,47 @@ func TestCommands(t *testing.T) {
 	// --on-store-error), but a malformed store URL does.
 	if rc := run([]string{"serve", "--store", "redis://127.0.0.1:1/x", "--policy-listen", "", "--http-listen", "", "--milter-listen", ""}, &out, &errw); rc != 1 || !strings.Contains(errw.String(), `database \"x\" is not a number`) {
 		t.Fatalf("bad redis store URL: rc=%d %q", rc, errw.String())
+	}
+}
+
+// A POLICYD_* variable no flag reads stops serve with the known names;
+// the others, and variables of other prefixes, pass.
+func TestUnknownEnv(t *testing.T) {
+	fs := flag.NewFlagSet("t", flag.ContinueOnError)
+	var o options
+	o.register(fs)
+	if err := unknownEnv(fs, []string{"POLICYD_STORE=memory", "POLICYD_STATE_DIR=/x", "HOME=/root", "TESTMTA_SENDMAIL_ROOT=/y"}); err != nil {
+		t.Errorf("known names refused: %v", err)
+	}
+	err := unknownEnv(fs, []string{"POLICYD_STOR=redis://127.0.0.1:6379/0", "POLICYD_STORE=memory"})
+	if err == nil || !strings.Contains(err.Error(), "unknown environment variable POLICYD_STOR:") || !strings.Contains(err.Error(), "POLICYD_STORE") {
+		t.Errorf("a misspelt name: %v", err)
+	}
+}
+
+// Through the binary: serve stops at once, exit code 2.
+func TestServeRefusesUnknownEnv(t *testing.T) {
+	cmd := exec.Command(binPath, "serve", "--policy-listen", "127.0.0.1:0", "--milter-listen", "", "--http-listen", "")
+	cmd.Dir = t.TempDir()
+	cmd.Env = append(os.Environ(), "POLICYD_STOR=redis://127.0.0.1:1/0")
+	out, err := cmd.CombinedOutput()
+	if ee, ok := err.(*exec.ExitError); !ok || ee.ExitCode() != 2 || !strings.Contains(string(out), "POLICYD_STOR") {
+		t.Fatalf("serve with POLICYD_STOR set: %v\n%s", err, out)
+	}
+}
+
+// -h and --help exit 0 on every command; policyd --help names the
+// commands, not only serve's flags. Before, check -h exited 2.
+func TestHelpExitsZero(t *testing.T) {
+	for _, args := range [][]string{{"-h"}, {"--help"}, {"help"}, {"check", "-h"}, {"simulate", "-h"}, {"inspect", "-h"}, {"forget", "--help"}} {
+		var out, errs strings.Builder
+		if rc := run(args, &out, &errs); rc != 0 {
+			t.Errorf("policyd %s: exit %d\n%s", strings.Join(args, " "), rc, errs.String())
+		}
+	}
+	var out strings.Builder
+	run([]string{"--help"}, &out, io.Discard)
+	if !strings.Contains(out.String(), "policyd check") || !strings.Contains(out.String(), "policyd simulate") {
+		t.Errorf("policyd --help does not list the commands:\n%s", out.String())
 	}
 }

@@ -35,7 +35,11 @@ func serve(args []string, stderr io.Writer) int {
 	fset := flag.NewFlagSet("policyd serve", flag.ContinueOnError)
 	fset.SetOutput(stderr)
 	o.register(fset)
-	if err := parseFlags(fset, args, os.LookupEnv); err != nil {
+	err := parseFlags(fset, args, os.LookupEnv)
+	if err == nil {
+		err = unknownEnv(fset, os.Environ())
+	}
+	if err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
 		}

@@ -30,7 +30,7 @@ import (
 // SendmailRootEnv names the environment variable that, when set, points at
 // the unpacked Sendmail tree (the directory holding usr/) instead of
 // .cache/sendmail in the checkout.
-const SendmailRootEnv = "POLICYD_SENDMAIL_ROOT"
+const SendmailRootEnv = "TESTMTA_SENDMAIL_ROOT"
 
 // DefaultSendmailMilterFlags are the milter equates used when
 // SendmailOptions.MilterFlags is empty: tempfail when the milter fails,
@@ -124,7 +124,7 @@ func StartSendmail(t testing.TB, o SendmailOptions) *Sendmail {
 	return nil
 }
 
-// findSendmailTree locates the unpacked Sendmail: $POLICYD_SENDMAIL_ROOT
+// findSendmailTree locates the unpacked Sendmail: $TESTMTA_SENDMAIL_ROOT
 // (a relative path is taken from the directory holding go.mod, where make
 // runs), else .cache/sendmail in that directory, found by walking up from
 // the working directory.
