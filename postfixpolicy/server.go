@@ -77,6 +77,9 @@ type Config struct {
 	// request; MaxSessions bounds how many are tracked.
 	SessionIdle time.Duration
 	MaxSessions int
+	// WiringCheckAfter is how many RCPT requests without any at DATA or
+	// END-OF-MESSAGE make the server warn, when rules answer there.
+	WiringCheckAfter int
 	// LimitHit, when set, counts a client that hit one of the limits
 	// named in LimitNames.
 	LimitHit func(limit string)
@@ -101,6 +104,7 @@ func (c *Config) defaults() {
 	c.LogEvery = cmp.Or(c.LogEvery, time.Second)
 	c.MaxConns = cmp.Or(c.MaxConns, DefaultMaxConns)
 	c.MaxSessions = cmp.Or(c.MaxSessions, DefaultMaxSessions)
+	c.WiringCheckAfter = cmp.Or(c.WiringCheckAfter, wiringCheckAfter)
 	if c.LimitHit == nil {
 		c.LimitHit = func(string) {}
 	}
@@ -124,6 +128,7 @@ type Server struct {
 	stop      chan struct{} // stops the session sweeper
 	sweepDone chan struct{}
 	sessLog   *ratelog.Limiter // too many sessions
+	wiring    wiring
 }
 
 // New makes a server. chain returns the chain new sessions start on, so a
@@ -357,6 +362,7 @@ func (s *Server) answerFor(req *Request, tg target, ok bool) (string, time.Durat
 		}
 		return "DUNNO", 0
 	}
+	s.noteStage(tg.st)
 	for {
 		ts := s.tracker.get(tg.key, s.cfg.Clock.Now(), func() *rules.Conversation { return s.newSession(tg.key, req, tg.addr) })
 		o, ok := s.answerLocked(ts, tg.key, req, tg.addr, tg.st)

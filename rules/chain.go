@@ -301,6 +301,15 @@ func (c *Chain) ClientIPv6Prefix() int {
 	return bits
 }
 
+// RulesAt lists the rules of the chain that answer at hook h.
+func (c *Chain) RulesAt(h Hook) []string {
+	var out []string
+	for _, e := range c.hooks[h] {
+		out = append(out, e.name)
+	}
+	return out
+}
+
 // Describe prints the effective chain: one rule per line, with every
 // setting it uses, defaults included.
 func (c *Chain) Describe() string {

@@ -325,10 +325,12 @@ func TestDecisionLogLine(t *testing.T) {
 	s.Session.Helo = "mx.example"
 	s.Begin("1").QueueID = "ABC123"
 	s.Txn.Sender = "a@example.org"
+	s.Txn.Rcpt = "b@example.test"
+	s.ClientName = "mx.example.org"
 	h.Run(rules.HookRcpt, s)
 	takeCalls()
 	line := h.Logs.String()
-	for _, want := range []string{"msg=decision", "queue_id=ABC123", "client=192.0.2.7", "helo=mx.example", "sender=a@example.org", "hook=rcpt", "rule=probe", "answer=DENYSOFT", `text="slow down"`, "delay=0s", "dry_run=false"} {
+	for _, want := range []string{"msg=decision", "queue_id=ABC123", "client=192.0.2.7", "client_name=mx.example.org", "helo=mx.example", "sender=a@example.org", "recipient=b@example.test", "hook=rcpt", "rule=probe", "answer=DENYSOFT", `text="slow down"`, "delay=0s", "dry_run=false"} {
 		if !strings.Contains(line, want) {
 			t.Errorf("log line lacks %s:\n%s", want, line)
 		}

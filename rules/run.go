@@ -197,16 +197,22 @@ func (c *Chain) observe(ctx context.Context, s *Session, d Decision) {
 
 // logDecision writes the one line per non-DECLINED decision.
 func (c *Chain) logDecision(s *Session, e *entry, d Decision) {
-	attrs := make([]slog.Attr, 0, 12)
-	var qid, sender string
+	attrs := make([]slog.Attr, 0, 14)
+	var qid, sender, rcpt string
 	if s.Txn != nil {
 		qid, sender = s.Txn.QueueID, s.Txn.Sender
+		if d.Hook == HookRcpt {
+			// Which recipient a refusal at RCPT was about.
+			rcpt = s.Txn.Rcpt
+		}
 	}
 	attrs = append(attrs,
 		slog.String("queue_id", qid),
 		slog.String("client", s.Client.String()),
+		slog.String("client_name", s.ClientName),
 		slog.String("helo", s.Helo),
 		slog.String("sender", sender),
+		slog.String("recipient", rcpt),
 		slog.String("hook", d.Hook.String()),
 		slog.String("rule", e.name),
 		slog.String("answer", d.Code.String()),

@@ -476,7 +476,10 @@ func TestDeploySendmailMC(t *testing.T) {
 func TestDeploySystemdUnit(t *testing.T) {
 	unit := readRepoFile(t, "deploy/systemd/policyd.service")
 	for _, want := range []string{
-		"ExecStart=/usr/local/bin/policyd serve", "ExecReload=/bin/kill -HUP $MAINPID",
+		"ExecStart=/usr/local/bin/policyd serve",
+		// A broken config fails start and reload, before the HUP.
+		"ExecStartPre=/usr/local/bin/policyd check\n", "ExecReload=/usr/local/bin/policyd check\nExecReload=/bin/kill -HUP $MAINPID",
+		"LoadCredential=admin-token:",
 		"DynamicUser=yes", "ProtectSystem=strict", "StateDirectory=policyd", "ConfigurationDirectory=policyd",
 		"NoNewPrivileges=yes", "PrivateTmp=yes", "RestrictAddressFamilies=AF_UNIX AF_INET AF_INET6",
 		"CapabilityBoundingSet=\n", "SystemCallFilter=@system-service",

@@ -157,7 +157,7 @@ func TestJSONDecisionLog(t *testing.T) {
 		t.Fatalf("%d decision lines, want 1:\n%s", len(decisions), d.log.String())
 	}
 	rec := decisions[0]
-	for _, k := range []string{"queue_id", "client", "helo", "sender", "hook", "rule", "answer", "text", "delay", "dry_run"} {
+	for _, k := range []string{"queue_id", "client", "client_name", "helo", "sender", "recipient", "hook", "rule", "answer", "text", "delay", "dry_run"} {
 		if _, ok := rec[k]; !ok {
 			t.Errorf("decision line lacks %q: %v", k, rec)
 		}

@@ -1,0 +1,49 @@
+package postfixpolicy
+
+import (
+	"strings"
+	"sync/atomic"
+
+	"github.com/policyd-mail/policyd/rules"
+)
+
+// wiring notices a Postfix set-up that asks policyd at RCPT but never at
+// DATA or END-OF-MESSAGE while rules of the chain answer only there:
+// client_stats then never counts a delivered message (so
+// denysoft_client_stats only gets harsher), spamthrottle never paces.
+// It says once, after enough transactions, which main.cf line to add.
+type wiring struct {
+	seen   [stageDataPost + 1]atomic.Bool
+	rcpts  atomic.Int64
+	warned [2]atomic.Bool
+}
+
+// wiringCheckAfter is how many RCPT requests make "never at DATA" a
+// finding rather than the start of the first transaction.
+const wiringCheckAfter = 100
+
+func (s *Server) noteStage(st stage) {
+	w := &s.wiring
+	w.seen[st].Store(true)
+	if st != stageRcpt {
+		return
+	}
+	if w.rcpts.Add(1) != int64(s.cfg.WiringCheckAfter) {
+		return
+	}
+	c := s.chain()
+	for i, need := range []struct {
+		st        stage
+		hook      rules.Hook
+		state, cf string
+	}{
+		{stageData, rules.HookData, "DATA", "smtpd_data_restrictions"},
+		{stageDataPost, rules.HookDataPost, "END-OF-MESSAGE", "smtpd_end_of_data_restrictions"},
+	} {
+		if names := c.RulesAt(need.hook); len(names) > 0 && !w.seen[need.st].Load() && !w.warned[i].Swap(true) {
+			s.log.Warn("policy requests come at RCPT but never at "+need.state+", where rules of the chain answer: add "+
+				need.cf+" = check_policy_service { inet:… } to main.cf (deploy/postfix/main.cf-policy)",
+				"rules", strings.Join(names, ","), "rcpt_requests", s.cfg.WiringCheckAfter)
+		}
+	}
+}
