@@ -240,6 +240,15 @@ func (r *Registry) LimitHits(protocol string, limits ...string) func(limit strin
 	return func(limit string) { r.limitHits.WithLabelValues(protocol, limit).Inc() }
 }
 
+// DoubleWiring returns what counts, in policyd_double_wiring_total, an
+// SMTP session seen through both front-ends.
+func (r *Registry) DoubleWiring() func() {
+	c := prometheus.NewCounter(prometheus.CounterOpts{Namespace: Namespace, Name: "double_wiring_total",
+		Help: "SMTP sessions that came through both the milter and the policy protocol (one daemon wired twice into one MTA)."})
+	r.reg.MustRegister(c)
+	return c.Inc
+}
+
 // DryRun exports policyd_dry_run: 1 while --dry-run tells the MTA to
 // continue whatever the rules decide.
 func (r *Registry) DryRun(on bool) {

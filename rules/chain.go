@@ -60,6 +60,9 @@ type Options struct {
 	OnStoreError StoreErrorPolicy
 	DryRun       bool // the daemon's --dry-run: every decision only pretends
 	Metrics      Metrics
+	// Overlap, when set, watches for one session coming through both
+	// front-ends; it outlives reloads.
+	Overlap *Overlap
 }
 
 // tempfailText is what a client reads when policyd itself is in trouble

@@ -21,6 +21,9 @@ type Conversation struct {
 // NewConversation starts the session of a client that connected at now
 // on chain c.
 func NewConversation(c *Chain, protocol string, client netip.Addr, port int, now time.Time) *Conversation {
+	if c != nil {
+		c.opts.Overlap.saw(protocol, client.Unmap(), port, now)
+	}
 	return &Conversation{Session: newSession(c, protocol, client, port, now)}
 }
 

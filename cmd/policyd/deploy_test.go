@@ -65,6 +65,7 @@ func exposed(t testing.TB) (names, labels map[string]bool) {
 	m.SessionsOpen("policy", func() int { return 0 })
 	m.LimitHits("policy", "line_length")
 	m.DryRun(false)
+	m.DoubleWiring()
 	// Persisted, as the daemon's is: the policyd_state_* series need a state directory.
 	mem, err := memory.Open(memory.Options{Dir: t.TempDir()})
 	if err != nil {

@@ -185,3 +185,22 @@ func TestReloadKeepsOpenSessionsOnTheirChain(t *testing.T) {
 		t.Errorf("policy session after the reload: %s", got)
 	}
 }
+
+// One daemon wired into both smtpd_milters and check_policy_service
+// counts every session twice: a session seen through both (same client
+// address and port) is logged once and counted.
+func TestDoubleWiringDetected(t *testing.T) {
+	d := startDaemon(t, "--state-dir", t.TempDir(), "--milter-listen", "127.0.0.1:0")
+	s := milterMTA(t, d.milter)
+	defer s.Close()
+	a, err := s.Conn("client.example", gomilter.FamilyInet, 4321, "192.0.2.50")
+	wantContinue(t, "milter connect", a, err)
+	if got := askPolicy(t, d.policy, "192.0.2.50", "4321", "s@example.org"); got != "action=DUNNO" {
+		t.Fatalf("policy request: %s", got)
+	}
+	d.log.waitFor(t, "one SMTP session came through both the milter and the policy protocol", 1)
+	pollMetric(t, d, "policyd_double_wiring_total", func(v float64) bool { return v == 1 })
+	// Another client through the policy protocol only: nothing more.
+	askPolicy(t, d.policy, "192.0.2.51", "4321", "s@example.org")
+	pollMetric(t, d, "policyd_double_wiring_total", func(v float64) bool { return v == 1 })
+}

@@ -11,6 +11,7 @@ import (
 	"net"
 	"net/http"
 	"net/http/pprof"
+	"net/netip"
 	"os"
 	"os/signal"
 	"runtime"
@@ -204,7 +205,14 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	st := metrics.InstrumentStore(raw, m)
 	exportStoreSize(m, raw)
 	d := &daemon{o: o, log: log, store: st, rawStore: raw, adminToken: token, metrics: m, fronts: map[string]frontEnd{}, listeners: lns}
-	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m}
+	overlap := &rules.Overlap{
+		Found: m.DoubleWiring(),
+		Warn: func(client netip.Addr, port int) {
+			log.Warn("one SMTP session came through both the milter and the policy protocol: wire policyd to an MTA through exactly one of them, or every session and message is counted twice",
+				"client", client.String(), "port", port)
+		},
+	}
+	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m, Overlap: overlap}
 	c, err := d.load()
 	if err != nil {
 		closeAll()
