@@ -32,6 +32,10 @@ type Offenders struct {
 	reset     time.Duration
 	window    time.Duration
 	keys      store.Keys
+	// perAnswer counts every refusal; by default a transaction counts
+	// once, however many of its recipients were refused.
+	perAnswer bool
+	counted   string // transaction note: this transaction was counted
 }
 
 var (
@@ -42,7 +46,7 @@ var (
 
 // keys are the settings the rule reads; positional tells them from the
 // seed's "FILE N" arguments.
-var keys = []string{"threshold", "reset", "window", "ipv6_prefix", "file", "dry_run", "code", "enhanced", "text"}
+var keys = []string{"threshold", "reset", "window", "count", "ipv6_prefix", "file", "dry_run", "code", "enhanced", "text"}
 
 // positional accepts the seed's plugins line, "deny_repeat_offenders FILE
 // N", as well as the usual "key value" pairs (which may follow FILE N).
@@ -75,6 +79,14 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		reset:     b.Duration("reset", 8*time.Hour, time.Second, 365*24*time.Hour),
 		window:    b.Duration("window", 12*time.Hour, time.Second, 365*24*time.Hour),
 		keys:      store.NewKeys(env.Name, b.IPv6Prefix()),
+		counted:   env.Name + ":counted",
+	}
+	switch c := b.String("count", "transaction"); c {
+	case "transaction":
+	case "answer":
+		o.perAnswer = true
+	default:
+		b.Errorf("count: %q is neither transaction (one per message) nor answer (one per refusal)", c)
 	}
 	b.Obsolete("file", "offender records live in policyd's store (--store)")
 	return o, nil
@@ -90,6 +102,14 @@ func (o *Offenders) key(s *rules.Session) string {
 func (o *Offenders) OnDeny(ctx context.Context, s *rules.Session, d rules.Decision) error {
 	if (d.Code != rules.Deny && d.Code != rules.DenyDisconnect) || d.Rule == o.name || s.Whitelisted() {
 		return nil
+	}
+	if !o.perAnswer && s.Txn != nil {
+		// A listed sender refused at each of five recipients is one
+		// refused message, as qpsmtpd 0.94 refuses it once, at MAIL.
+		if s.Txn.Notes.Bool(o.counted) {
+			return nil
+		}
+		s.Txn.Notes.Set(o.counted, true)
 	}
 	key := o.key(s)
 	if _, err := o.store.Tally(ctx, key, o.clock.Now(), o.reset, max(o.window, o.reset)); err != nil {

@@ -211,9 +211,31 @@ func refuse(t *testing.T, h *rulestest.Harness, ip string, i int) {
 	s.End(ctx)
 }
 
-// Every refused recipient counts, as every qpsmtpd DENY fired hook_deny.
-func TestEveryRefusedRecipientCounts(t *testing.T) {
+// A message counts once however many of its recipients are refused (before,
+// one message to three trap addresses made an offender at threshold 3);
+// with count answer, every refusal counts, as every qpsmtpd DENY fired
+// hook_deny.
+func TestOneCountPerTransaction(t *testing.T) {
 	h := rulestest.New(t, "deny_repeat_offenders threshold 3\nbadrcptto recipient @trap.example", nil)
+	ctx := context.Background()
+	s := h.Session(client)
+	s.Connect(ctx)
+	s.Mail(ctx, rules.MailFrom{Sender: "someone@example.org"})
+	for _, r := range []string{"a@trap.example", "b@trap.example", "c@trap.example"} {
+		s.Rcpt(ctx, r)
+	}
+	s.End(ctx)
+	recs, err := h.Store.HGet(ctx, store.Key(client, "deny_repeat_offenders", "offender"))
+	if err != nil || recs[0][store.TallyCount] != 1 {
+		t.Fatalf("record %v, %v; want one count for one message", recs, err)
+	}
+	if _, d := h.Connect(client); d.Code != rules.Declined {
+		t.Fatalf("next connect: %v", d.Code)
+	}
+}
+
+func TestEveryRefusedRecipientCounts(t *testing.T) {
+	h := rulestest.New(t, "deny_repeat_offenders threshold 3 count answer\nbadrcptto recipient @trap.example", nil)
 	ctx := context.Background()
 	s := h.Session(client)
 	s.Connect(ctx)
