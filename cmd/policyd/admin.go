@@ -219,3 +219,23 @@ func readToken(file string) (string, error) {
 	}
 	return tok, nil
 }
+
+// chainReply is the body of GET /api/v1/chain: what runs now, so that
+// after a refused reload an admin sees which chain is serving.
+type chainReply struct {
+	Rules    []string `json:"rules"`
+	Describe string   `json:"describe"`
+	// RefusedReload, when set, is why the last reload was refused (the
+	// chain above is the one from before it) and when.
+	RefusedReload string `json:"refused_reload,omitempty"`
+	RefusedAt     string `json:"refused_at,omitempty"`
+}
+
+func (d *daemon) adminChain(w http.ResponseWriter, _ *http.Request) {
+	c := d.chain.Load()
+	reply := chainReply{Rules: c.Rules(), Describe: c.Describe()}
+	if f := d.lastReload.Load(); f != nil {
+		reply.RefusedReload, reply.RefusedAt = f.err, f.at.UTC().Format(time.RFC3339)
+	}
+	writeJSON(w, http.StatusOK, reply)
+}

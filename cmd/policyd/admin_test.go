@@ -13,6 +13,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -408,5 +409,26 @@ func TestInspectPages(t *testing.T) {
 	out, errs, rc = admin(t, d, "inspect", "--after", after, "10.0.0.0/8")
 	if rc != 0 || !strings.Contains(out, "10.0.0.0/8: 1 record") || strings.Contains(out, "more records") {
 		t.Fatalf("second page: rc=%d %s\n%s", rc, errs, out)
+	}
+}
+
+// policyd chain shows the chain the daemon serves with; after a refused
+// reload, that it is the one from before it, and why.
+func TestChainCommand(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 7\n"), 0o644)
+	d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir())
+	out, errs, rc := admin(t, d, "chain")
+	if rc != 0 || !strings.Contains(out, "connection_shaper") || !strings.Contains(out, "threshold=7") || strings.Contains(out, "refused") {
+		t.Fatalf("chain: rc=%d %q %q", rc, out, errs)
+	}
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("no_such_rule\n"), 0o644)
+	if err := d.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	d.log.waitFor(t, "reload refused", 1)
+	out, _, rc = admin(t, d, "chain")
+	if rc != 0 || !strings.Contains(out, "threshold=7") || !strings.Contains(out, "the last reload") || !strings.Contains(out, "was refused") {
+		t.Fatalf("chain after a refused reload: rc=%d %q", rc, out)
 	}
 }

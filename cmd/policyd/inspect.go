@@ -130,6 +130,13 @@ func defaultAdminAddr() string {
 }
 
 func adminCall(ctx context.Context, method, addr, client, token, query string) ([]byte, int, error) {
+	// The client goes into the path as is: a CIDR's slash is part of the
+	// route ({client...}).
+	return adminRequest(ctx, method, addr, "/api/v1/clients/"+client, token, query)
+}
+
+// adminRequest makes one admin API request to the daemon at addr.
+func adminRequest(ctx context.Context, method, addr, apiPath, token, query string) ([]byte, int, error) {
 	tr := &http.Transport{}
 	base := "http://" + addr
 	if path, ok := strings.CutPrefix(addr, "unix:"); ok {
@@ -140,14 +147,13 @@ func adminCall(ctx context.Context, method, addr, client, token, query string) (
 		base = "http://" + unixHost
 	}
 	defer tr.CloseIdleConnections()
-	// The client goes into the path as is: a CIDR's slash is part of the
-	// route ({client...}).
-	req, err := http.NewRequestWithContext(ctx, method, base+"/api/v1/clients/"+url.PathEscape(client), nil)
+	// The path is set as is below: a CIDR's slash is part of the route.
+	req, err := http.NewRequestWithContext(ctx, method, base+"/", nil)
 	if err != nil {
 		return nil, 0, fmt.Errorf("--http %q: %w", addr, err)
 	}
 	req.URL.RawPath = ""
-	req.URL.Path = "/api/v1/clients/" + client
+	req.URL.Path = apiPath
 	req.URL.RawQuery = query
 	if token != "" {
 		req.Header.Set("Authorization", "Bearer "+token)
@@ -233,4 +239,41 @@ func count(n int, noun string) string {
 		return "1 " + noun
 	}
 	return fmt.Sprintf("%d %ss", n, noun)
+}
+
+// chainCommand is policyd chain: the chain the running daemon serves
+// with, and the last reload if it was refused.
+func chainCommand(args []string, stdout, stderr io.Writer) int {
+	fset := flag.NewFlagSet("policyd chain", flag.ContinueOnError)
+	fset.SetOutput(stderr)
+	httpAddr := fset.String("http", defaultAdminAddr(), "the daemon's --http-listen address (host:port or unix:/path)")
+	tokenFile := fset.String("admin-token-file", os.Getenv("POLICYD_ADMIN_TOKEN_FILE"), "file holding the daemon's admin bearer token")
+	if err := fset.Parse(args); err != nil {
+		if errors.Is(err, flag.ErrHelp) {
+			return 0
+		}
+		return 2
+	}
+	token, err := readToken(*tokenFile)
+	if err != nil {
+		fmt.Fprintln(stderr, "policyd chain:", err)
+		return 2
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	body, code, err := adminRequest(ctx, http.MethodGet, *httpAddr, "/api/v1/chain", token, "")
+	if err != nil {
+		fmt.Fprintln(stderr, "policyd chain:", err)
+		return 1
+	}
+	var reply chainReply
+	if code != http.StatusOK || json.Unmarshal(body, &reply) != nil {
+		fmt.Fprintf(stderr, "policyd chain: %s: %s\n", http.StatusText(code), strings.TrimSpace(string(body)))
+		return 1
+	}
+	fmt.Fprint(stdout, reply.Describe)
+	if reply.RefusedReload != "" {
+		fmt.Fprintf(stdout, "the last reload (%s) was refused, this chain is the one from before it: %s\n", reply.RefusedAt, reply.RefusedReload)
+	}
+	return 0
 }

@@ -50,6 +50,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return simulate(args, stdout, stderr)
 	case "inspect", "forget":
 		return adminCommand(cmd, args, stdout, stderr)
+	case "chain":
+		return chainCommand(args, stdout, stderr)
 	case "version":
 		fmt.Fprintln(stdout, "policyd", versionString())
 		return 0
@@ -71,6 +73,7 @@ func usage(w io.Writer) {
                                      what the running daemon stores about a client
        policyd forget [--http ADDR] [--json] IP|CIDR
                                      remove it (-h for flags)
+       policyd chain [--http ADDR]   the chain the running daemon serves with
        policyd version
 `)
 }

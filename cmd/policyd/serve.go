@@ -99,6 +99,13 @@ type daemon struct {
 	wg         sync.WaitGroup
 	ready      atomic.Bool
 	stopping   atomic.Bool
+	// lastReload is the last reload if it was refused, for /api/v1/chain.
+	lastReload atomic.Pointer[reloadFailure]
+}
+
+type reloadFailure struct {
+	at  time.Time
+	err string
 }
 
 func openStore(o options) (store.Store, error) {
@@ -327,8 +334,10 @@ func (d *daemon) reload() {
 	d.metrics.ConfigReload(err == nil)
 	if err != nil {
 		d.log.Error("reload refused, the previous chain keeps running", "err", err)
+		d.lastReload.Store(&reloadFailure{at: time.Now(), err: err.Error()})
 		return
 	}
+	d.lastReload.Store(nil)
 	d.chain.Store(c)
 	d.log.Info("reloaded")
 }
@@ -360,6 +369,7 @@ func (d *daemon) httpHandler() http.Handler {
 		}
 	})
 	admin := adminAuth(d.adminToken, http.HandlerFunc(d.adminClients))
+	mux.Handle("GET /api/v1/chain", adminAuth(d.adminToken, http.HandlerFunc(d.adminChain)))
 	mux.Handle("GET /api/v1/clients/{client...}", admin)
 	mux.Handle("DELETE /api/v1/clients/{client...}", admin)
 	// Profiles for `go tool pprof http://ADDR/debug/pprof/profile`,
