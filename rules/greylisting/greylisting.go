@@ -52,6 +52,7 @@ type Greylist struct {
 }
 
 var _ rules.RcptHook = (*Greylist)(nil)
+var _ rules.DataHook = (*Greylist)(nil)
 var _ rules.ClientKeyer = (*Greylist)(nil)
 
 func setup(b *rules.Binder, env rules.Env) (any, error) {
@@ -94,19 +95,51 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 	return g, nil
 }
 
-// Rcpt greylists the recipient's triplet.
+// skip tells the sessions greylisting leaves alone.
+func (g *Greylist) skip(s *rules.Session) bool {
+	return g.mode == ModeOff || s.Txn == nil || s.Whitelisted() || s.AuthUser != ""
+}
+
+// Rcpt greylists the recipient's triplet. The null sender's are left to
+// Data: a sender-verification probe (MAIL FROM:<>, RCPT TO, QUIT) from
+// another MTA must get its 250, or that MTA defers its own user's mail
+// because of our greylisting (qpsmtpd defers the null sender at DATA too).
 func (g *Greylist) Rcpt(ctx context.Context, s *rules.Session) (rules.Result, error) {
-	if g.mode == ModeOff || s.Txn == nil || s.Whitelisted() || s.AuthUser != "" {
+	if g.skip(s) || s.Txn.Sender == "" {
 		return rules.Result{}, nil
 	}
-	key := g.key(s)
-	now := g.clock.Now()
-	pass, err := g.check(ctx, key, now)
+	return g.triplet(ctx, s, s.Txn.Rcpt)
+}
+
+// Data greylists a message from the null sender: every recipient's
+// triplet is recorded and moved along, and the message is deferred if one
+// of them is not white yet.
+func (g *Greylist) Data(ctx context.Context, s *rules.Session) (rules.Result, error) {
+	if g.skip(s) || s.Txn.Sender != "" {
+		return rules.Result{}, nil
+	}
+	var res rules.Result
+	for _, rcpt := range s.Txn.Rcpts {
+		r, err := g.triplet(ctx, s, rcpt)
+		if err != nil {
+			return rules.Result{}, err
+		}
+		if r.Code != rules.Declined {
+			res = r
+		}
+	}
+	return res, nil
+}
+
+// triplet checks the triplet of s's client and sender with rcpt.
+func (g *Greylist) triplet(ctx context.Context, s *rules.Session, rcpt string) (rules.Result, error) {
+	key := g.key(s, rcpt)
+	pass, err := g.check(ctx, key, g.clock.Now())
 	if err != nil || pass {
 		return rules.Result{}, err
 	}
 	if g.mode == ModeTestOnly {
-		g.log.Info("greylisting would defer (mode testonly)", "client", s.Client.String(), "sender", s.Txn.Sender, "rcpt", s.Txn.Rcpt)
+		g.log.Info("greylisting would defer (mode testonly)", "client", s.Client.String(), "sender", s.Txn.Sender, "rcpt", rcpt)
 		return rules.Result{}, nil
 	}
 	return rules.Decided(rules.DenySoft, Text), nil
@@ -171,7 +204,7 @@ func parse(v []byte) (state byte, t time.Time, ok bool) {
 // network is the hash tag, so all of a network's triplets share a Redis
 // Cluster slot, and sender and recipient are hashed to keep keys short
 // and free of whatever bytes an address may hold.
-func (g *Greylist) key(s *rules.Session) string {
+func (g *Greylist) key(s *rules.Session, rcpt string) string {
 	h := sha256.New()
 	if g.sender {
 		h.Write([]byte("s:"))
@@ -180,7 +213,7 @@ func (g *Greylist) key(s *rules.Session) string {
 	}
 	if g.rcpt {
 		h.Write([]byte("r:"))
-		h.Write([]byte(normalize(s.Txn.Rcpt)))
+		h.Write([]byte(normalize(rcpt)))
 		h.Write([]byte{0})
 	}
 	var sum [sha256.Size]byte

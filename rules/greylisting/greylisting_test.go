@@ -310,3 +310,31 @@ func BenchmarkRcptWhite(b *testing.B) {
 		s.Txn.Rcpts = s.Txn.Rcpts[:0]
 	}
 }
+
+// The null sender is deferred at DATA, not RCPT: a sender-verification
+// probe (MAIL FROM:<>, RCPT TO, QUIT) gets its 250; a bounce is deferred
+// at DATA until its triplets pass, then passes. Before, the probe itself
+// was deferred at RCPT.
+func TestNullSenderAtData(t *testing.T) {
+	h := rulestest.New(t, short, nil)
+	ctx := context.Background()
+	bounce := func() (rcptCodes []rules.Code, data rules.Code) {
+		s := h.Session(client)
+		s.Connect(ctx)
+		s.Mail(ctx, rules.MailFrom{Sender: ""})
+		for _, r := range []string{rcpt, "other@example.test"} {
+			rcptCodes = append(rcptCodes, s.Rcpt(ctx, r).Code)
+		}
+		data = s.Data(ctx).Code
+		s.End(ctx)
+		return rcptCodes, data
+	}
+	rc, data := bounce()
+	if rc[0] != rules.Declined || rc[1] != rules.Declined || data != rules.DenySoft {
+		t.Fatalf("first bounce: rcpt %v, data %v; want both recipients accepted, DATA deferred", rc, data)
+	}
+	h.Clock.Advance(2 * time.Minute) // past black_timeout
+	if rc, data := bounce(); rc[0] != rules.Declined || data != rules.Declined {
+		t.Fatalf("the retry: rcpt %v, data %v; want it through", rc, data)
+	}
+}
