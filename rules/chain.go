@@ -162,12 +162,38 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		e.rule = rule
 		c.add(e)
 	}
+	warns = append(warns, orderProblems(lines)...)
 	warns = append(warns, unreadFiles(fsys, dir, lines)...)
 	warns = sortErrors(warns)
 	if len(errs) > 0 {
 		return nil, warns, sortErrors(errs)
 	}
 	return c, warns, nil
+}
+
+// orderProblems warns, at each plugins line, about a rule placed where
+// it cannot work: one whose Needs are not before it, one marked Early
+// behind rules it would have exempted.
+func orderProblems(lines []PluginLine) ConfigErrors {
+	var warns ConfigErrors
+	seen := map[string]bool{}
+	var firstLate string
+	for _, pl := range lines {
+		def, _ := lookup(pl.Rule)
+		for _, need := range def.Needs {
+			if !seen[need] {
+				warns = append(warns, ConfigError{Pos: pl.Pos, Msg: fmt.Sprintf("%s: needs %s before it in plugins (it reads what %s leaves), or it never acts", pl.Name, need, need)})
+			}
+		}
+		if def.Early && firstLate != "" {
+			warns = append(warns, ConfigError{Pos: pl.Pos, Msg: fmt.Sprintf("%s: comes after %s, which it cannot exempt: put it first", pl.Name, firstLate)})
+		}
+		if !def.Early && firstLate == "" {
+			firstLate = pl.Name
+		}
+		seen[pl.Rule] = true
+	}
+	return warns
 }
 
 // unreadFiles warns about the files of the config directory no rule

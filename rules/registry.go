@@ -28,6 +28,12 @@ type Definition struct {
 	// whitelist): when it cannot reach the store, --on-store-error
 	// tempfail must not turn that into a refusal nobody decided.
 	NeverRefuses bool
+	// Needs names rules that must come before this one in plugins: it
+	// reads what they leave (denysoft_client_stats, client_stats' note).
+	Needs []string
+	// Early marks a rule that only works for the rules after it (the
+	// whitelist marks sessions that later rules skip).
+	Early bool
 }
 
 var (

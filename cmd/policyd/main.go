@@ -294,6 +294,7 @@ func check(args []string, stdout, stderr io.Writer) int {
 	fset := flag.NewFlagSet("policyd check", flag.ContinueOnError)
 	fset.SetOutput(stderr)
 	dir := fset.String("config", "", "config directory to check")
+	strict := fset.Bool("strict", false, "exit 1 on any warning too (a rule placed where it cannot act, a file no rule reads)")
 	if err := parseFlags(fset, args, os.LookupEnv); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -316,5 +317,9 @@ func check(args []string, stdout, stderr io.Writer) int {
 	}
 	fmt.Fprintf(stdout, "%s: OK, %s\n", name, count(len(c.Rules()), "rule"))
 	fmt.Fprint(stdout, c.Describe())
+	if *strict && len(warns) > 0 {
+		fmt.Fprintf(stdout, "%s: %s (--strict)\n", name, count(len(warns), "warning"))
+		return 1
+	}
 	return 0
 }

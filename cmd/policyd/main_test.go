@@ -174,3 +174,30 @@ func TestHelpExitsZero(t *testing.T) {
 		t.Errorf("policyd --help does not list the commands:\n%s", out.String())
 	}
 }
+
+// check reports a rule placed where it cannot act, at its plugins line;
+// --strict makes any warning fail. Before, both configurations passed.
+func TestCheckOrder(t *testing.T) {
+	for _, tc := range []struct {
+		plugins, warn string
+	}{
+		{"denysoft_client_stats\nclient_stats\n", "plugins:1: denysoft_client_stats: needs client_stats before it"},
+		{"connection_shaper\nwhitelist clients 192.0.2.1\n", "plugins:2: whitelist: comes after connection_shaper, which it cannot exempt"},
+	} {
+		dir := t.TempDir()
+		os.WriteFile(filepath.Join(dir, "plugins"), []byte(tc.plugins), 0o644)
+		var out strings.Builder
+		if rc := run([]string{"check", "--config", dir}, &out, io.Discard); rc != 0 || !strings.Contains(out.String(), tc.warn) {
+			t.Errorf("check %q: rc=%d, want 0 and %q:\n%s", tc.plugins, rc, tc.warn, out.String())
+		}
+		out.Reset()
+		if rc := run([]string{"check", "--strict", "--config", dir}, &out, io.Discard); rc != 1 {
+			t.Errorf("check --strict %q: rc=%d, want 1:\n%s", tc.plugins, rc, out.String())
+		}
+	}
+	dir := t.TempDir()
+	os.WriteFile(filepath.Join(dir, "plugins"), []byte("whitelist clients 192.0.2.1\nclient_stats\ndenysoft_client_stats\n"), 0o644)
+	if rc := run([]string{"check", "--strict", "--config", dir}, io.Discard, io.Discard); rc != 0 {
+		t.Errorf("a well-ordered chain fails check --strict: rc=%d", rc)
+	}
+}

@@ -15,7 +15,7 @@ import (
 )
 
 func init() {
-	rules.Register(rules.Definition{Name: "denysoft_client_stats", Setup: setup})
+	rules.Register(rules.Definition{Name: "denysoft_client_stats", Setup: setup, Needs: []string{"client_stats"}})
 }
 
 // Refuser answers DENYSOFT with probability

@@ -9,7 +9,7 @@ import (
 )
 
 func init() {
-	rules.Register(rules.Definition{Name: "whitelist", Setup: setup, NeverRefuses: true})
+	rules.Register(rules.Definition{Name: "whitelist", Setup: setup, NeverRefuses: true, Early: true})
 }
 
 // Whitelist sets the connection note rules.NoteWhitelisted for clients in
