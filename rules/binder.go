@@ -256,6 +256,26 @@ func (b *Binder) Lines() []Setting {
 	return b.all("")
 }
 
+// Each returns every setting of key with its file:line, marking them
+// read, for a rule that reports problems per entry.
+func (b *Binder) Each(key string) []Setting {
+	return b.all(key)
+}
+
+// Unread takes every setting no key has read yet, for a rule whose file
+// holds entries in a format of its own (qpsmtpd's "user@dom reason"
+// lines); call it after the named keys. Each keeps its file:line.
+func (b *Binder) Unread() []Setting {
+	var out []Setting
+	for i, s := range b.settings {
+		if !b.used[i] {
+			b.used[i] = true
+			out = append(out, s)
+		}
+	}
+	return out
+}
+
 // ErrorAt reports a problem with one setting, at its file:line.
 func (b *Binder) ErrorAt(s Setting, format string, args ...any) {
 	b.errAt(s, format, args...)

@@ -11,7 +11,8 @@ import (
 )
 
 func init() {
-	rules.Register(rules.Definition{Name: "badmailfrom", Setup: setup})
+	// RawLines: qpsmtpd's badmailfrom file, bare entries as they are.
+	rules.Register(rules.Definition{Name: "badmailfrom", Setup: setup, RawLines: true})
 }
 
 // Note is the transaction note the mail hook leaves for the rcpt hook:
@@ -32,17 +33,7 @@ var (
 )
 
 func setup(b *rules.Binder, _ rules.Env) (any, error) {
-	r := &BadMailFrom{}
-	for _, v := range b.Strings("sender") {
-		addr, reason := Entry(v)
-		if err := r.senders.Add(addr, reason); err != nil {
-			b.Errorf("sender: %v", err)
-		}
-	}
-	if r.senders.Len() == 0 {
-		b.Warnf("no sender listed: the rule refuses nothing")
-	}
-	return r, nil
+	return &BadMailFrom{senders: Load(b, "sender", "sender")}, nil
 }
 
 // Mail notes a listed sender; it never refuses by itself.

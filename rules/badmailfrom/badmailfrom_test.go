@@ -110,14 +110,15 @@ func TestConfigErrors(t *testing.T) {
 		name, plugins, file string
 		want                []string
 	}{
+		// Errors about an entry name its own file and line (before: plugins:1).
 		{name: "not an address", plugins: "badmailfrom", file: "sender postmaster\n",
-			want: []string{`config/plugins:1: badmailfrom: sender: "postmaster" is neither an address (user@example.com) nor a domain (@example.com)`}},
+			want: []string{`config/badmailfrom:1: badmailfrom: sender: "postmaster" is neither an address (user@example.com) nor a domain (@example.com)`}},
 		{name: "no domain", plugins: "badmailfrom", file: "sender ok@example.com\nsender user@ reason\n",
-			want: []string{`config/plugins:1: badmailfrom: sender: "user@" has no domain after the @`}},
-		{name: "qpsmtpd's bare line needs the sender key", plugins: "badmailfrom", file: "spammer@example.com\n",
-			want: []string{`config/badmailfrom:1: badmailfrom: spammer@example.com: missing value (lines are "key value")`}},
-		{name: "qpsmtpd's line with a reason", plugins: "badmailfrom", file: "spammer@example.com go away\n",
-			want: []string{`config/badmailfrom:1: badmailfrom: unknown key "spammer@example.com"`}},
+			want: []string{`config/badmailfrom:2: badmailfrom: sender: "user@" has no domain after the @`}},
+		{name: "a bare entry that is no address", plugins: "badmailfrom", file: "spammer@example.com\nnot-an-address\n",
+			want: []string{`config/badmailfrom:2: badmailfrom: "not-an-address" is neither an address (user@example.com) nor a domain (@example.com)`}},
+		{name: "a pattern that does not compile", plugins: "badmailfrom", file: "^spam(\n",
+			want: []string{"config/badmailfrom:1: badmailfrom: pattern \"^spam(\": error parsing regexp: missing closing ): `(?i)^spam(`"}},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -153,5 +154,37 @@ func BenchmarkMailRcpt(b *testing.B) {
 	for b.Loop() {
 		s.Mail(ctx, rules.MailFrom{Sender: "friend@example.com"})
 		s.Rcpt(ctx, "user@example.test")
+	}
+}
+
+// qpsmtpd's badmailfrom file as it is: bare entries, entries with a
+// reason, domains, and pattern entries. Before, a bare line was a config
+// error and a pattern a literal that never matched.
+func TestQpsmtpdFileAsItIs(t *testing.T) {
+	file := "# qpsmtpd config/badmailfrom\nspammer@example.com\n@junk.example go away\n^bulk-.*@lists\\.example$ no lists\nsender friend@old.example\n"
+	h := rulestest.New(t, "badmailfrom", map[string]string{"badmailfrom": file})
+	if len(h.Warns) != 0 {
+		t.Errorf("warnings: %v", h.Warns)
+	}
+	ctx := context.Background()
+	for _, tc := range []struct {
+		sender string
+		want   rules.Code
+		text   string
+	}{
+		{"spammer@example.com", rules.Deny, badmailfrom.DefaultReason},
+		{"anyone@junk.example", rules.Deny, "go away"},
+		{"BULK-news@lists.example", rules.Deny, "no lists"},
+		{"bulk-news@lists.example.org", rules.Declined, ""},
+		{"friend@old.example", rules.Deny, badmailfrom.DefaultReason},
+		{"user+tag@example.com", rules.Declined, ""},
+	} {
+		s := h.Session("192.0.2.1")
+		s.Connect(ctx)
+		s.Mail(ctx, rules.MailFrom{Sender: tc.sender})
+		if d := s.Rcpt(ctx, "a@example.test"); d.Code != tc.want || tc.text != "" && d.Text != tc.text {
+			t.Errorf("%s: %v %q, want %v %q", tc.sender, d.Code, d.Text, tc.want, tc.text)
+		}
+		s.End(ctx)
 	}
 }

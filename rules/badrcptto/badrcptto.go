@@ -10,7 +10,8 @@ import (
 )
 
 func init() {
-	rules.Register(rules.Definition{Name: "badrcptto", Setup: setup})
+	// RawLines: qpsmtpd's badrcptto file, bare entries as they are.
+	rules.Register(rules.Definition{Name: "badrcptto", Setup: setup, RawLines: true})
 }
 
 // BadRcptTo holds the listed recipients.
@@ -21,17 +22,7 @@ type BadRcptTo struct {
 var _ rules.RcptHook = (*BadRcptTo)(nil)
 
 func setup(b *rules.Binder, _ rules.Env) (any, error) {
-	r := &BadRcptTo{}
-	for _, v := range b.Strings("recipient") {
-		addr, reason := badmailfrom.Entry(v)
-		if err := r.rcpts.Add(addr, reason); err != nil {
-			b.Errorf("recipient: %v", err)
-		}
-	}
-	if r.rcpts.Len() == 0 {
-		b.Warnf("no recipient listed: the rule refuses nothing")
-	}
-	return r, nil
+	return &BadRcptTo{rcpts: badmailfrom.Load(b, "recipient", "recipient")}, nil
 }
 
 // Rcpt refuses a listed recipient, with the entry's reason or qpsmtpd's
