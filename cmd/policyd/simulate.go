@@ -15,22 +15,29 @@ import (
 
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/store"
+	"github.com/policyd-mail/policyd/store/overlay"
 	redisstore "github.com/policyd-mail/policyd/store/redis"
 )
 
 // simulate runs one SMTP session through the chain, on the store the
 // daemon would use, and prints what each hook answered (SPEC §2). Nothing
-// talks to an MTA; the store is written as a real session would write it.
+// talks to an MTA. The store is read as it is but written only in memory
+// (store/overlay), unless --write: trying a client against the daemon's
+// Redis must not leave it an offender record or raise its networks' odds.
 func simulate(args []string, stdout, stderr io.Writer) int {
 	var o options
 	var ip, helo, from string
 	var rcpts []string
 	var nth int
+	var write bool
+	var at string
 	fset := flag.NewFlagSet("policyd simulate", flag.ContinueOnError)
 	fset.SetOutput(stderr)
 	fset.StringVar(&o.config, "config", "", "config directory (default ./config if it exists, else the built-in chain)")
 	fset.StringVar(&o.storeURL, "store", "memory", "store: memory (embedded, under --state-dir), redis://host:port/db, redis+sentinel://h1:p,h2:p/master, redis+cluster://h1:p,h2:p")
-	fset.StringVar(&o.stateDir, "state-dir", "./state", "where the embedded store persists its data")
+	fset.StringVar(&o.stateDir, "state-dir", "", "the embedded store's state directory to read (default: none, an empty store)")
+	fset.BoolVar(&write, "write", false, "write the session's counters and records to the store, as a real session would (default: read the store, write nothing to it)")
+	fset.StringVar(&at, "at", "", "run the session at this time, RFC 3339 (2026-12-04T15:00:00Z) or from now (+55m): to preview what a retry after a rule's timeout gets")
 	fset.DurationVar(&o.storeTimeout, "store-timeout", redisstore.DefaultTimeout, "bound on every store call")
 	fset.StringVar(&ip, "ip", "", "the client's address (required)")
 	fset.StringVar(&helo, "helo", "", "the client's HELO name; without it the helo hook does not run")
@@ -69,6 +76,15 @@ flags:
 		fmt.Fprintln(stderr, "policyd simulate: --session must be 1 or more")
 		return 2
 	}
+	var clock rules.Clock = rules.SystemClock{}
+	if at != "" {
+		t, err := parseAt(at, time.Now())
+		if err != nil {
+			fmt.Fprintln(stderr, "policyd simulate: --at:", err)
+			return 2
+		}
+		clock = fixedClock{t}
+	}
 
 	tap := &decisionTap{}
 	log := slog.New(tap.wrap(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
@@ -84,6 +100,9 @@ flags:
 		fmt.Fprintln(stderr, "policyd simulate:", err)
 		return 1
 	}
+	if !write {
+		st = overlay.New(st, nil)
+	}
 	defer st.Close()
 	// Rules fail open without their store: every hook would print
 	// DECLINED, which reads as "this client passes".
@@ -94,7 +113,7 @@ flags:
 		fmt.Fprintln(stderr, "policyd simulate: the store does not answer, so every rule would fail open:", err)
 		return 1
 	}
-	c, warns, err := rules.Load(fsys, name, rules.Options{Store: st, Logger: log})
+	c, warns, err := rules.Load(fsys, name, rules.Options{Store: st, Logger: log, Clock: clock})
 	for _, w := range warns {
 		fmt.Fprintln(stderr, w.Error())
 	}
@@ -250,4 +269,25 @@ func (h tapHandler) WithAttrs(as []slog.Attr) slog.Handler {
 
 func (h tapHandler) WithGroup(name string) slog.Handler {
 	return tapHandler{next: h.next.WithGroup(name), tap: h.tap}
+}
+
+// fixedClock is --at: every session of the run happens then.
+type fixedClock struct{ t time.Time }
+
+func (c fixedClock) Now() time.Time { return c.t }
+
+// parseAt reads --at: an RFC 3339 time, or +DURATION from now.
+func parseAt(s string, now time.Time) (time.Time, error) {
+	if d, ok := strings.CutPrefix(s, "+"); ok {
+		dur, err := time.ParseDuration(d)
+		if err != nil {
+			return time.Time{}, fmt.Errorf("%q is not +DURATION (+55m, +2h)", s)
+		}
+		return now.Add(dur), nil
+	}
+	t, err := time.Parse(time.RFC3339, s)
+	if err != nil {
+		return time.Time{}, fmt.Errorf("%q is neither RFC 3339 (2026-12-04T15:00:00Z) nor +DURATION", s)
+	}
+	return t, nil
 }

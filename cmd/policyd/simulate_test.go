@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"context"
+	"github.com/policyd-mail/policyd/internal/testing/testredis"
 	"os"
 	"path/filepath"
 	"slices"
@@ -193,5 +194,45 @@ func TestSimulateUsage(t *testing.T) {
 	if rc := run([]string{"simulate", "--ip", "192.0.2.1", "--config", cfg}, &out, &errw); rc != 1 ||
 		!strings.Contains(errw.String(), cfg+"/plugins:1: connection_shaper: threshold") {
 		t.Errorf("bad config: rc=%d %q", rc, errw.String())
+	}
+}
+
+// simulate against the daemon's Redis reads it and writes nothing to it,
+// unless --write; --at previews a retry after greylisting's black_timeout.
+// Before, every simulate left its counters, permfails and triplets in
+// the production store.
+func TestSimulateReadOnly(t *testing.T) {
+	srv := testredis.Start(t)
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("greylisting black_timeout 3000\nclient_stats\n"), 0o644)
+	sim := func(extra ...string) string {
+		t.Helper()
+		args := append([]string{"simulate", "--config", cfg, "--store", srv.URL(), "--ip", "192.0.2.60", "--from", "a@example.org", "--rcpt", "b@example.test"}, extra...)
+		var out, errw bytes.Buffer
+		if rc := run(args, &out, &errw); rc != 0 {
+			t.Fatalf("simulate %v: rc=%d\n%s", extra, rc, errw.String())
+		}
+		return out.String()
+	}
+	keys := func() string { return srv.MustDo("KEYS", "policyd:*") }
+	if out := sim(); !strings.Contains(out, "rcpt\tgreylisting\tDENYSOFT") {
+		t.Fatalf("first attempt:\n%s", out)
+	}
+	if k := keys(); k != "" {
+		t.Fatalf("a read-only simulate wrote to Redis: %q", k)
+	}
+	sim("--write") // the client's first attempt, recorded
+	if k := keys(); !strings.Contains(k, "greylisting") {
+		t.Fatalf("simulate --write wrote %q", k)
+	}
+	before := keys()
+	if out := sim("--at", "+55m"); !strings.Contains(out, "rcpt\t-\tDECLINED") {
+		t.Fatalf("the retry after black_timeout:\n%s", out)
+	}
+	if out := sim(); !strings.Contains(out, "rcpt\tgreylisting\tDENYSOFT") {
+		t.Fatalf("a retry now (the preview promoted nothing):\n%s", out)
+	}
+	if k := keys(); k != before {
+		t.Fatalf("read-only runs changed the keys: %q, then %q", before, k)
 	}
 }
