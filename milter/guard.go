@@ -90,7 +90,18 @@ func (c *conn) next() ([]byte, error) {
 	if err := checkPacket(pkt[4], pkt[5:], c.srv.cfg.MaxMacros); err != nil {
 		return nil, err
 	}
-	c.Touch()
+	// Busy from a command until its reply is written (Write), so the
+	// gate never closes a session policyd is answering, or holding a
+	// rule's delay for, to make room at the connection cap. An abort has
+	// no reply; macros come before their command.
+	switch pkt[4] {
+	case 'D':
+		c.Touch()
+	case 'A':
+		c.SetBusy(false)
+	default:
+		c.SetBusy(true)
+	}
 	return pkt, nil
 }
 

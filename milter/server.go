@@ -231,7 +231,13 @@ func (s *Server) dropped(c *conn, err *dropError) {
 
 func (c *conn) Write(p []byte) (int, error) {
 	_ = c.Conn.SetWriteDeadline(time.Now().Add(c.srv.cfg.WriteTimeout))
-	return c.Conn.Write(p)
+	n, err := c.Conn.Write(p)
+	// The reply is out. A session inside a transaction stays busy: with
+	// headers and body negotiated off, the MTA is silent while its client
+	// sends the message, and the session is not idle for that.
+	m := c.sess.Load()
+	c.SetBusy(m != nil && m.inTransaction())
+	return n, err
 }
 
 func (c *conn) Close() error {

@@ -37,6 +37,14 @@ type session struct {
 
 var _ gomilter.Milter = (*session)(nil)
 
+// inTransaction reports whether a transaction is open (MAIL seen, not
+// yet ended).
+func (m *session) inTransaction() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.s != nil && m.s.Txn != nil
+}
+
 func (m *session) merge(mod *gomilter.Modifier) {
 	if mod == nil {
 		return

@@ -202,6 +202,7 @@ func TestLimits(t *testing.T) {
 				if line, err := c.br.ReadString('\n'); err == nil && line == "action=DUNNO\n" {
 					return
 				}
+				c.c.Close() // a refused try: its descriptor goes now, not at the end
 				if time.Now().After(deadline) {
 					t.Fatal("the freed slot was never taken")
 				}
@@ -222,6 +223,7 @@ func TestLimits(t *testing.T) {
 				if line, err := c.br.ReadString('\n'); err == nil && line == "action=DUNNO\n" {
 					break
 				}
+				c.c.Close() // a refused try: its descriptor goes now, not at the end
 				if time.Now().After(deadline) {
 					t.Fatal("a correct client was never let in past the silent ones")
 				}

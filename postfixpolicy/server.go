@@ -186,6 +186,7 @@ func (s *Server) endSession(ts *tracked) {
 			s.log.Error("ending a policy session panicked", "session", ts.s.ID, "panic", p)
 		}
 	}()
+	s.noteSessionEnd(ts.sawRcpt)
 	ts.s.End(context.Background())
 }
 
@@ -390,8 +391,12 @@ func (s *Server) answerLocked(ts *tracked, key sessionKey, req *Request, addr ne
 	}
 	ctx := context.Background()
 	if ts.startsNewSession(req) {
+		s.noteSessionEnd(ts.sawRcpt)
 		ts.s.End(ctx)
 		ts.restart(s.newSession(key, req, addr))
+	}
+	if st == stageRcpt {
+		ts.sawRcpt = true
 	}
 	fillSession(ts.s, req)
 	return replay(ctx, ts, req, st), true

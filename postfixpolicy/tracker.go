@@ -30,6 +30,7 @@ type tracked struct {
 	lastDone string // the instance whose END-OF-MESSAGE was answered
 	pid      string // the smtpd process of this session, from the instance
 	rcptRun  bool   // the rcpt hook ran in the open transaction
+	sawRcpt  bool   // a RCPT request came in this session (wiring.go)
 	prev     requestSig
 	prevOut  outcome
 }
@@ -38,7 +39,7 @@ type tracked struct {
 func (ts *tracked) restart(sess *rules.Conversation) {
 	ts.s = sess
 	ts.instance, ts.lastDone, ts.pid = "", "", ""
-	ts.rcptRun = false
+	ts.rcptRun, ts.sawRcpt = false, false
 	ts.prev, ts.prevOut = requestSig{}, outcome{}
 }
 

@@ -11,24 +11,27 @@ import (
 // DATA or END-OF-MESSAGE while rules of the chain answer only there:
 // client_stats then never counts a delivered message (so
 // denysoft_client_stats only gets harsher), spamthrottle never paces.
-// It says once, after enough transactions, which main.cf line to add.
+// It says once, after enough sessions ended, which main.cf line to add.
 type wiring struct {
 	seen   [stageDataPost + 1]atomic.Bool
-	rcpts  atomic.Int64
+	ended  atomic.Int64 // sessions ended that had a RCPT request
 	warned [2]atomic.Bool
 }
 
-// wiringCheckAfter is how many RCPT requests make "never at DATA" a
-// finding rather than the start of the first transaction.
+// wiringCheckAfter is how many ended sessions with a RCPT request make
+// "never at DATA" a finding: counting ended sessions, not RCPT requests,
+// keeps a mailing list's hundred recipients, or a hundred sessions at
+// RCPT at once, from looking like a wiring mistake.
 const wiringCheckAfter = 100
 
 func (s *Server) noteStage(st stage) {
+	s.wiring.seen[st].Store(true)
+}
+
+// noteSessionEnd counts a session that ended; hadRcpt: it had a RCPT request.
+func (s *Server) noteSessionEnd(hadRcpt bool) {
 	w := &s.wiring
-	w.seen[st].Store(true)
-	if st != stageRcpt {
-		return
-	}
-	if w.rcpts.Add(1) != int64(s.cfg.WiringCheckAfter) {
+	if !hadRcpt || w.ended.Add(1) != int64(s.cfg.WiringCheckAfter) {
 		return
 	}
 	c := s.chain()
@@ -41,9 +44,9 @@ func (s *Server) noteStage(st stage) {
 		{stageDataPost, rules.HookDataPost, "END-OF-MESSAGE", "smtpd_end_of_data_restrictions"},
 	} {
 		if names := c.RulesAt(need.hook); len(names) > 0 && !w.seen[need.st].Load() && !w.warned[i].Swap(true) {
-			s.log.Warn("policy requests come at RCPT but never at "+need.state+", where rules of the chain answer: add "+
+			s.log.Warn("policy sessions reach RCPT but never "+need.state+", where rules of the chain answer: add "+
 				need.cf+" = check_policy_service { inet:… } to main.cf (deploy/postfix/main.cf-policy)",
-				"rules", strings.Join(names, ","), "rcpt_requests", s.cfg.WiringCheckAfter)
+				"rules", strings.Join(names, ","), "sessions", s.cfg.WiringCheckAfter)
 		}
 	}
 }

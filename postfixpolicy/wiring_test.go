@@ -46,3 +46,19 @@ func TestWiringWarning(t *testing.T) {
 		})
 	}
 }
+
+// A message to many recipients right after start-up is no wiring mistake:
+// sessions that ended are counted, not RCPT requests.
+func TestWiringNoWarningForManyRecipients(t *testing.T) {
+	var logs testsync.Buffer
+	h := rulestest.New(t, "client_stats", nil)
+	_, addr := start(t, h, postfixpolicy.Config{WiringCheckAfter: 5, Logger: slog.New(slog.NewTextHandler(&logs, nil))})
+	c := dial(t, addr)
+	for i := range 20 {
+		c.ask("protocol_state=RCPT", "client_address=192.0.2.41", "client_port=2000", "sender=a@example.org", "recipient=b"+strconv.Itoa(i)+"@example.test", "instance=list1")
+	}
+	c.ask("protocol_state=END-OF-MESSAGE", "client_address=192.0.2.41", "client_port=2000", "sender=a@example.org", "instance=list1")
+	if strings.Contains(logs.String(), "smtpd_end_of_data_restrictions") {
+		t.Errorf("warned about one message to 20 recipients:\n%s", logs.String())
+	}
+}

@@ -40,6 +40,10 @@ type overlapSeen struct {
 // first restriction, moments later.
 const overlapWindow = 30 * time.Second
 
+// overlapMax bounds the sessions remembered (~6 MB): past it, new ones
+// go unwatched until the window's sweep; detection is a hint, not a count.
+const overlapMax = 1 << 16
+
 func (o *Overlap) saw(protocol string, client netip.Addr, port int, now time.Time) {
 	if o == nil || port == 0 || !client.IsValid() {
 		return
@@ -60,7 +64,9 @@ func (o *Overlap) saw(protocol string, client netip.Addr, port int, now time.Tim
 		o.swept = now
 	}
 	prev, ok := o.seen[k]
-	o.seen[k] = overlapSeen{protocol, now}
+	if ok || len(o.seen) < overlapMax {
+		o.seen[k] = overlapSeen{protocol, now}
+	}
 	o.mu.Unlock()
 	if !ok || prev.protocol == protocol || now.Sub(prev.at) > overlapWindow {
 		return

@@ -36,8 +36,9 @@ func (c *Chain) Run(ctx context.Context, h Hook, s *Session) Decision {
 //  3. the first other answer is the decision, with the rule's reply
 //     overrides, its log line and its metric;
 //  4. a rule on trial (dry_run) decides on paper only: the hook goes on;
-//     in a global trial (--dry-run) every rule decides, the observers see
-//     each would-be decision, and the first is returned, marked DryRun;
+//     in a global trial (--dry-run) every rule decides and is logged, the
+//     observers see the first would-be decision (the one live would give),
+//     and it is returned, marked DryRun;
 //  5. the deny or ok observers see the decision the MTA is given.
 //
 // Reset and disconnect only notify: every rule runs, answers are ignored.
@@ -67,8 +68,10 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 			d.Delay = t.given
 		}
 		if c.opts.DryRun { // 4: a trial shows what every rule would do
-			c.observe(ctx, s, d)
 			if first == nil {
+				// The observers see what live would have ended the
+				// hook with, once, as they would live.
+				c.observe(ctx, s, d)
 				first = &d
 			}
 			continue

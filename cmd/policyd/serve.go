@@ -262,7 +262,9 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 			return srv
 		}},
 		{"http", func() frontEnd {
-			return httpFront{&http.Server{Handler: d.httpHandler(), ReadHeaderTimeout: 5 * time.Second}}
+			return httpFront{&http.Server{Handler: d.httpHandler(), ReadHeaderTimeout: 5 * time.Second,
+				// Its own log, not the standard logger go-milter shares.
+				ErrorLog: slog.NewLogLogger(log.With("listener", "http").Handler(), slog.LevelWarn)}}
 		}},
 	}
 	for _, f := range fronts {
@@ -333,8 +335,10 @@ func (d *daemon) reload() {
 	c, err := d.load()
 	d.metrics.ConfigReload(err == nil)
 	if err != nil {
-		d.log.Error("reload refused, the previous chain keeps running", "err", err)
+		// Stored before the line is logged: whoever reads the line may
+		// ask /api/v1/chain at once.
 		d.lastReload.Store(&reloadFailure{at: time.Now(), err: err.Error()})
+		d.log.Error("reload refused, the previous chain keeps running", "err", err)
 		return
 	}
 	d.lastReload.Store(nil)

@@ -186,6 +186,20 @@ func (g *Gate) admit(nc net.Conn) (*Conn, bool) {
 	var idle time.Duration
 	if len(g.conns) >= g.cfg.MaxConns {
 		victim, idle = g.longestIdle(now)
+		if victim != nil {
+			// Checked again under its own lock, and closed under it: a
+			// request that began since is never cut.
+			victim.mu.Lock()
+			if victim.busy {
+				victim.mu.Unlock()
+				victim = nil
+			} else {
+				victim.shut = true
+				victim.evicted.Store(true)
+				victim.Conn.Close()
+				victim.mu.Unlock()
+			}
+		}
 		if victim == nil {
 			g.mu.Unlock()
 			g.cfg.LimitHit(LimitConns)
@@ -204,8 +218,6 @@ func (g *Gate) admit(nc net.Conn) (*Conn, bool) {
 	g.wg.Add(1)
 	g.mu.Unlock()
 	if victim != nil {
-		victim.evicted.Store(true)
-		victim.Conn.Close()
 		g.cfg.LimitHit(LimitConns)
 		if n, ok := g.evictLog.Allow(now); ok {
 			g.log.Warn("too many "+g.cfg.Name+" connections: closed the longest silent one for a new one", "limit", g.cfg.MaxConns,

@@ -103,17 +103,18 @@ func (o *Offenders) OnDeny(ctx context.Context, s *rules.Session, d rules.Decisi
 	if (d.Code != rules.Deny && d.Code != rules.DenyDisconnect) || d.Rule == o.name || s.Whitelisted() {
 		return nil
 	}
-	if !o.perAnswer && s.Txn != nil {
-		// A listed sender refused at each of five recipients is one
-		// refused message, as qpsmtpd 0.94 refuses it once, at MAIL.
-		if s.Txn.Notes.Bool(o.counted) {
-			return nil
-		}
-		s.Txn.Notes.Set(o.counted, true)
+	// A listed sender refused at each of five recipients is one refused
+	// message, as qpsmtpd 0.94 refuses it once, at MAIL.
+	once := !o.perAnswer && s.Txn != nil
+	if once && s.Txn.Notes.Bool(o.counted) {
+		return nil
 	}
 	key := o.key(s)
 	if _, err := o.store.Tally(ctx, key, o.clock.Now(), o.reset, max(o.window, o.reset)); err != nil {
 		return fmt.Errorf("deny_repeat_offenders tally %s: %w", key, err)
+	}
+	if once {
+		s.Txn.Notes.Set(o.counted, true)
 	}
 	return nil
 }
