@@ -20,7 +20,7 @@ func (r reviewDelay) Helo(context.Context, *rules.Session) (rules.Result, error)
 }
 
 func init() {
-	rules.Register(rules.Definition{Name: "review_delay", Setup: func(b *rules.Binder, _ rules.Env) (any, error) {
+	rules.Register(rules.Definition{Name: "delay_probe", Setup: func(b *rules.Binder, _ rules.Env) (any, error) {
 		return reviewDelay{b.Duration("delay", time.Second, 0, time.Minute)}, nil
 	}})
 }
@@ -30,7 +30,7 @@ func init() {
 // closed. Before, the session was evicted and the MTA got a broken milter
 // connection (milter_default_action) instead of "continue".
 func TestNotEvictedDuringOwnDelay(t *testing.T) {
-	h := rulestest.New(t, "review_delay delay 1500ms", nil)
+	h := rulestest.New(t, "delay_probe delay 1500ms", nil)
 	_, addr := serve(t, h, milter.Config{MaxConns: 1, MinIdle: 200 * time.Millisecond})
 	a := mta(t, addr)
 	defer a.Close()
