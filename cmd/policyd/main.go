@@ -229,6 +229,9 @@ func envName(flag string) string {
 	return "POLICYD_" + strings.ToUpper(strings.ReplaceAll(flag, "-", "_"))
 }
 
+// otherCommandFlags are the flags of simulate and check that serve has not.
+var otherCommandFlags = []string{"ip", "helo", "from", "rcpt", "session", "write", "at", "strict"}
+
 // unknownEnv refuses POLICYD_* variables that no flag of fs reads: a
 // misspelt POLICYD_STOR in a systemd drop-in would otherwise run one host
 // of a fleet on its private store without a word.
@@ -239,6 +242,11 @@ func unknownEnv(fs *flag.FlagSet, environ []string) error {
 		known[envName(f.Name)] = true
 		names = append(names, envName(f.Name))
 	})
+	// The twins of the other commands' flags (simulate, check) may share
+	// an environment with serve.
+	for _, f := range otherCommandFlags {
+		known[envName(f)] = true
+	}
 	var bad []string
 	for _, kv := range environ {
 		k, _, _ := strings.Cut(kv, "=")

@@ -139,7 +139,7 @@ func TestUnknownEnv(t *testing.T) {
 	fs := flag.NewFlagSet("t", flag.ContinueOnError)
 	var o options
 	o.register(fs)
-	if err := unknownEnv(fs, []string{"POLICYD_STORE=memory", "POLICYD_STATE_DIR=/x", "HOME=/root", "TESTMTA_SENDMAIL_ROOT=/y"}); err != nil {
+	if err := unknownEnv(fs, []string{"POLICYD_STORE=memory", "POLICYD_STATE_DIR=/x", "HOME=/root", "TESTMTA_SENDMAIL_ROOT=/y", "POLICYD_IP=192.0.2.1", "POLICYD_STRICT=1"}); err != nil {
 		t.Errorf("known names refused: %v", err)
 	}
 	err := unknownEnv(fs, []string{"POLICYD_STOR=redis://127.0.0.1:6379/0", "POLICYD_STORE=memory"})
