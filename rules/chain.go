@@ -330,6 +330,23 @@ func (c *Chain) ClientIPv6Prefix() int {
 	return bits
 }
 
+// Delayer is a rule that holds replies: it says the longest it may ask
+// for, so the daemon can compare it with what a protocol allows.
+type Delayer interface {
+	MaxDelay() time.Duration
+}
+
+// MaxDelays lists the rules of the chain that delay, with their longest.
+func (c *Chain) MaxDelays() map[string]time.Duration {
+	out := map[string]time.Duration{}
+	for _, e := range c.entries {
+		if d, ok := e.rule.(Delayer); ok {
+			out[e.name] = d.MaxDelay()
+		}
+	}
+	return out
+}
+
 // RulesAt lists the rules of the chain that answer at hook h.
 func (c *Chain) RulesAt(h Hook) []string {
 	var out []string

@@ -204,3 +204,15 @@ func TestDoubleWiringDetected(t *testing.T) {
 	askPolicy(t, d.policy, "192.0.2.51", "4321", "s@example.org")
 	pollMetric(t, d, "policyd_double_wiring_total", func(v float64) bool { return v == 1 })
 }
+
+// spamthrottle's stmax above --policy-max-delay, behind the policy
+// protocol, is said at load: the delays there are cut to the cap.
+func TestDelayAboveThePolicyCapWarns(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("spamthrottle st 1000 stmax 20000\n"), 0o644)
+	d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir())
+	d.log.waitFor(t, "a rule may delay longer than --policy-max-delay", 1)
+	if !strings.Contains(d.log.String(), "rule=spamthrottle max_delay=20s") {
+		t.Errorf("the warning does not name the rule and its delay:\n%s", d.log.String())
+	}
+}

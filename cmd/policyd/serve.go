@@ -311,6 +311,14 @@ func (d *daemon) load() (*rules.Chain, error) {
 		return nil, configFailure(d.log, name, err)
 	}
 	d.log.Info("chain loaded", "config", name, "rules", strings.Join(c.Rules(), ","))
+	if d.o.policyListen != "" {
+		for rule, max := range c.MaxDelays() {
+			if max > d.o.policyDelay {
+				d.log.Warn("a rule may delay longer than --policy-max-delay allows behind the policy protocol: its delays there are cut to it",
+					"rule", rule, "max_delay", max, "policy_max_delay", d.o.policyDelay)
+			}
+		}
+	}
 	for _, line := range strings.Split(strings.TrimSpace(c.Describe()), "\n") {
 		d.log.Info("chain", "rule", line)
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"time"
 
 	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/store"
@@ -36,6 +37,7 @@ var (
 	_ rules.MailHook    = (*Throttle)(nil)
 	_ rules.ClientKeyer = (*Throttle)(nil)
 	_ rules.DataHook    = (*Throttle)(nil)
+	_ rules.Delayer     = (*Throttle)(nil)
 )
 
 func setup(b *rules.Binder, env rules.Env) (any, error) {
@@ -162,3 +164,13 @@ func (t *Throttle) Data(ctx context.Context, s *rules.Session) (rules.Result, er
 
 // ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
 func (t *Throttle) ClientKeys() store.Keys { return t.keys }
+
+// MaxDelay is the longest delay the rule may ask for (rules.Delayer):
+// the largest stmax of the default and of every block.
+func (t *Throttle) MaxDelay() time.Duration {
+	d := t.def.stmax
+	for _, b := range t.blocks {
+		d = max(d, b.eff.stmax)
+	}
+	return d
+}
