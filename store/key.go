@@ -242,49 +242,31 @@ func parseNetSeg(s string) (Seg, bool) {
 }
 
 func isName(s string) bool {
-	if s == "" || s[0] < 'a' || s[0] > 'z' {
-		return false
-	}
-	for i := 1; i < len(s); i++ {
-		if c := s[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
-			return false
-		}
-	}
-	return true
+	return s != "" && isLower(s[0]) && all(s, isNameByte)
 }
 
 func isInstance(s string) bool {
-	if s == "" || len(s) > 4 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		if s[i] < '0' || s[i] > '9' {
-			return false
-		}
-	}
-	return true
+	return s != "" && len(s) <= 4 && all(s, isDigit)
 }
 
 // isWord: [a-z][a-z_]*, at most maxWord bytes.
 func isWord(s string) bool {
-	if s == "" || len(s) > maxWord || s[0] < 'a' || s[0] > 'z' {
-		return false
-	}
-	for i := 1; i < len(s); i++ {
-		if c := s[i]; !(c >= 'a' && c <= 'z' || c == '_') {
-			return false
-		}
-	}
-	return true
+	return s != "" && len(s) <= maxWord && isLower(s[0]) && all(s, func(c byte) bool { return isLower(c) || c == '_' })
 }
 
 // isToken: [0-9a-z_]+.
 func isToken(s string) bool {
-	if s == "" {
-		return false
-	}
+	return s != "" && all(s, isNameByte)
+}
+
+func isLower(c byte) bool    { return c >= 'a' && c <= 'z' }
+func isDigit(c byte) bool    { return c >= '0' && c <= '9' }
+func isNameByte(c byte) bool { return isLower(c) || isDigit(c) || c == '_' }
+
+// all reports whether every byte of s passes ok.
+func all(s string, ok func(byte) bool) bool {
 	for i := 0; i < len(s); i++ {
-		if c := s[i]; !(c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '_') {
+		if !ok(s[i]) {
 			return false
 		}
 	}

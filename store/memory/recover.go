@@ -308,6 +308,22 @@ func scanRecords(r io.ReaderAt, size int64, fn func(payload []byte) error) (scan
 	return rep, nil
 }
 
+// scanFile is scanRecords over the file at name; an empty file has no
+// records and no damage (the caller knows what an empty file means).
+func scanFile(name string, fn func(payload []byte) error) (scanReport, int64, error) {
+	f, err := os.Open(name)
+	if err != nil {
+		return scanReport{}, 0, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return scanReport{}, 0, err
+	}
+	sr, err := scanRecords(f, fi.Size(), fn)
+	return sr, fi.Size(), err
+}
+
 // readRecords is scanRecords over a whole file, for tests and tools.
 func readRecords(f *os.File, fn func(payload []byte) error) error {
 	fi, err := f.Stat()
@@ -432,36 +448,29 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 
 	var meta snapshotMeta
 	snapName := filepath.Join(j.dir, "snapshot")
-	snapFound := false
-	if f, err := os.Open(snapName); err == nil {
-		snapFound = true
-		fi, err := f.Stat()
-		if err != nil {
-			f.Close()
-			return 0, rep, fmt.Errorf("state snapshot: %w", err)
+	sr, size, err := scanFile(snapName, func(p []byte) error {
+		if len(p) > 0 && p[0] == headerPrefix[0] {
+			return meta.parse(p)
 		}
-		j.snapSize.Store(fi.Size())
-		var sr scanReport
-		if fi.Size() == 0 {
+		if err := apply(p); err != nil {
+			return err
+		}
+		rep.SnapshotRecords++
+		return nil
+	})
+	snapFound := !errors.Is(err, os.ErrNotExist)
+	switch {
+	case fatal != nil:
+		return 0, rep, fatal
+	case !snapFound:
+	case err != nil:
+		// Unreadable but present (permissions, I/O): nothing can be done
+		// here, and a new snapshot would replace it.
+		return 0, rep, fmt.Errorf("state snapshot unreadable: %w", err)
+	default:
+		j.snapSize.Store(size)
+		if size == 0 {
 			sr.damage(0, 0, "the file is empty")
-		} else {
-			sr, err = scanRecords(f, fi.Size(), func(p []byte) error {
-				if len(p) > 0 && p[0] == headerPrefix[0] {
-					return meta.parse(p)
-				}
-				if err := apply(p); err != nil {
-					return err
-				}
-				rep.SnapshotRecords++
-				return nil
-			})
-		}
-		f.Close()
-		if fatal != nil {
-			return 0, rep, fatal
-		}
-		if err != nil {
-			return 0, rep, fmt.Errorf("state snapshot: %w", err)
 		}
 		switch {
 		case !meta.header && sr.regions == 0:
@@ -469,7 +478,7 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 			sr.damage(0, 0, "no snapshot header")
 		case meta.version >= 2 && !meta.haveCount && sr.regions == 0:
 			// Cut exactly at a record's end: only the trailer tells.
-			sr.damage(fi.Size(), 0, "no trailer: the file was cut short")
+			sr.damage(size, 0, "no trailer: the file was cut short")
 			sr.toEnd = true
 		}
 		if sr.regions > 0 {
@@ -487,10 +496,6 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 			rep.Problems = append(rep.Problems, fmt.Sprintf("snapshot damaged at %s (%d bytes unreadable in %s): %s", sr.first, sr.damagedBytes, places(sr.regions), lostText(rep)))
 			keep(snapName)
 		}
-	} else if !errors.Is(err, os.ErrNotExist) {
-		// Unreadable but present (permissions, I/O): nothing can be done
-		// here, and a new snapshot would replace it.
-		return 0, rep, fmt.Errorf("state snapshot unreadable: %w", err)
 	}
 
 	gens := j.journalGens()
@@ -507,28 +512,19 @@ func (j *journal) recover(s *Store, limit LossLimit) (uint64, LoadReport, error)
 			continue
 		}
 		name := filepath.Join(j.dir, "journal."+strconv.FormatUint(g, 10))
-		f, err := os.Open(name)
-		if err != nil {
-			// As for the snapshot: skipped, it would be removed by the
-			// next snapshot with everything it holds.
-			return 0, rep, fmt.Errorf("state journal unreadable: %w", err)
-		}
-		var sr scanReport
-		fi, err := f.Stat()
-		if err == nil {
-			sr, err = scanRecords(f, fi.Size(), func(p []byte) error {
-				if err := apply(p); err != nil {
-					return err
-				}
-				rep.JournalRecords++
-				return nil
-			})
-		}
-		f.Close()
+		sr, _, err := scanFile(name, func(p []byte) error {
+			if err := apply(p); err != nil {
+				return err
+			}
+			rep.JournalRecords++
+			return nil
+		})
 		if fatal != nil {
 			return 0, rep, fatal
 		}
 		if err != nil {
+			// As for the snapshot: skipped, it would be removed by the
+			// next snapshot with everything it holds.
 			return 0, rep, fmt.Errorf("state journal %s unreadable: %w", name, err)
 		}
 		if sr.regions == 0 {

@@ -179,17 +179,20 @@ func TestErrors(t *testing.T) {
 	}
 }
 
+// singleAndCluster are the deployments a test that cares about slots runs on.
+var singleAndCluster = []struct {
+	name string
+	url  func(t *testing.T) string
+}{
+	{"single", func(t *testing.T) string { return testredis.Start(t).URL() }},
+	{"cluster", func(t *testing.T) string { return testredis.StartCluster(t).URL() }},
+}
+
 // Keys of the earlier client_stats shape, as an earlier policyd left
 // them in Redis, move to the grammar's keys; counts already under the
 // new key are added to, not replaced.
 func TestMigrateKeys(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		url  func(t *testing.T) string
-	}{
-		{"single", func(t *testing.T) string { return testredis.Start(t).URL() }},
-		{"cluster", func(t *testing.T) string { return testredis.StartCluster(t).URL() }},
-	} {
+	for _, tc := range singleAndCluster {
 		t.Run(tc.name, func(t *testing.T) {
 			s := open(t, tc.url(t), Options{})
 			ctx := context.Background()

@@ -60,13 +60,7 @@ func (h *tripCounter) take() []string {
 // Every operation of the mail path is exactly one round trip: one command
 // or one EVALSHA, on a single server and on a Cluster.
 func TestOneRoundTripPerOperation(t *testing.T) {
-	for _, tc := range []struct {
-		name string
-		url  func(t *testing.T) string
-	}{
-		{"single", func(t *testing.T) string { return testredis.Start(t).URL() }},
-		{"cluster", func(t *testing.T) string { return testredis.StartCluster(t).URL() }},
-	} {
+	for _, tc := range singleAndCluster {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
 			s := open(t, tc.url(t), Options{Timeout: time.Second})
