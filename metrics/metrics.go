@@ -10,8 +10,11 @@
 package metrics
 
 import (
+	"errors"
 	"net/http"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -56,6 +59,9 @@ type Registry struct {
 	storeOps   *prometheus.CounterVec
 	storeDur   *prometheus.HistogramVec
 	limitHits  *prometheus.CounterVec
+
+	delayMu sync.Mutex
+	delays  map[string]*prometheus.HistogramVec // by rule name, made at its first delay
 }
 
 var _ rules.Metrics = (*Registry)(nil)
@@ -279,6 +285,48 @@ func (r *Registry) Decision(protocol string, h rules.Hook, rule string, c rules.
 // HookDuration observes one run of a hook (rules.Metrics).
 func (r *Registry) HookDuration(protocol string, h rules.Hook, d time.Duration) {
 	r.hookDur.WithLabelValues(protocol, h.String()).Observe(d.Seconds())
+}
+
+// Buckets of policyd_<rule>_delay_seconds: spamthrottle's pacing, from a
+// few milliseconds to minutes (its stmax).
+var delayBuckets = []float64{.005, .01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120, 300}
+
+// Delayed observes a delay a rule asked for, in
+// policyd_<rule>_delay_seconds{protocol,hook,rule} (rules.Metrics): the
+// series of a rule that delays (spamthrottle) appear at its first delay.
+// It is the delay asked; the front-end caps what it holds to the MTA's
+// timeout (--policy-max-delay, --milter-max-delay).
+func (r *Registry) Delayed(protocol string, h rules.Hook, rule string, d time.Duration) {
+	name, _, _ := strings.Cut(rule, ":")
+	r.delayMu.Lock()
+	hv, ok := r.delays[name]
+	if !ok {
+		hv = prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: Namespace, Subsystem: name, Name: "delay_seconds",
+			Help:    "Delays the rule asked the front-end to hold a reply for, by protocol, hook and rule instance (before the front-end's cap).",
+			Buckets: delayBuckets,
+		}, []string{"protocol", "hook", "rule"})
+		if err := r.reg.Register(hv); err != nil {
+			// Another series of that name: keep the first, never panic
+			// on the hot path.
+			var are prometheus.AlreadyRegisteredError
+			existing, isVec := (*prometheus.HistogramVec)(nil), false
+			if errors.As(err, &are) {
+				existing, isVec = are.ExistingCollector.(*prometheus.HistogramVec)
+			}
+			if !isVec {
+				r.delayMu.Unlock()
+				return
+			}
+			hv = existing
+		}
+		if r.delays == nil {
+			r.delays = map[string]*prometheus.HistogramVec{}
+		}
+		r.delays[name] = hv
+	}
+	r.delayMu.Unlock()
+	hv.WithLabelValues(protocol, h.String(), rule).Observe(d.Seconds())
 }
 
 // RuleError counts a rule that could not decide (rules.Metrics). The hook

@@ -30,6 +30,7 @@ func exercised(t *testing.T) *Registry {
 	r.RuleError("connection_shaper", rules.HookConnect, "store")
 	r.RuleError("greylisting", rules.HookRcpt, "panic")
 	r.ConfigReload(false)
+	r.Delayed("policy", rules.HookData, "spamthrottle:1", 1500*time.Millisecond)
 	r.SessionsOpen("policy", func() int { return 3 })
 	r.SessionsOpen("milter", func() int { return 0 })
 	r.LimitHits("policy", "line_length", "connections")("line_length")
@@ -72,20 +73,21 @@ func TestPromlint(t *testing.T) {
 // The names and labels of SPEC §7, and no label that could hold a client.
 func TestNamesAndLabels(t *testing.T) {
 	want := map[string][]string{
-		"policyd_decisions_total":        {"answer", "dry_run", "hook", "protocol", "rule"},
-		"policyd_hook_duration_seconds":  {"hook", "protocol"},
-		"policyd_sessions_open":          {"protocol"},
-		"policyd_store_operations_total": {"op", "result"},
-		"policyd_store_duration_seconds": {"op"},
-		"policyd_config_reloads_total":   {"result"},
-		"policyd_rule_errors_total":      {"kind", "rule"},
-		"policyd_panics_total":           {"rule"},
-		"policyd_limit_hits_total":       {"limit", "protocol"},
-		"policyd_build_info":             {"goversion", "version"},
-		"policyd_store_records":          nil,
-		"policyd_store_bytes":            {"part"},
-		"go_goroutines":                  nil,
-		"process_cpu_seconds_total":      nil,
+		"policyd_decisions_total":            {"answer", "dry_run", "hook", "protocol", "rule"},
+		"policyd_hook_duration_seconds":      {"hook", "protocol"},
+		"policyd_sessions_open":              {"protocol"},
+		"policyd_store_operations_total":     {"op", "result"},
+		"policyd_store_duration_seconds":     {"op"},
+		"policyd_config_reloads_total":       {"result"},
+		"policyd_rule_errors_total":          {"kind", "rule"},
+		"policyd_panics_total":               {"rule"},
+		"policyd_limit_hits_total":           {"limit", "protocol"},
+		"policyd_build_info":                 {"goversion", "version"},
+		"policyd_spamthrottle_delay_seconds": {"hook", "protocol", "rule"},
+		"policyd_store_records":              nil,
+		"policyd_store_bytes":                {"part"},
+		"go_goroutines":                      nil,
+		"process_cpu_seconds_total":          nil,
 	}
 	got := gather(t, exercised(t))
 	for name, labels := range want {
@@ -144,6 +146,8 @@ func TestValues(t *testing.T) {
 		`policyd_limit_hits_total{limit="line_length",protocol="policy"} 1`,
 		`policyd_limit_hits_total{limit="connections",protocol="policy"} 0`,
 		`policyd_limit_hits_total{limit="packet_size",protocol="milter"} 0`,
+		`policyd_spamthrottle_delay_seconds_bucket{hook="data",protocol="policy",rule="spamthrottle:1",le="1"} 0`,
+		`policyd_spamthrottle_delay_seconds_bucket{hook="data",protocol="policy",rule="spamthrottle:1",le="2.5"} 1`,
 		`policyd_store_records 7`,
 		`policyd_store_bytes{part="index"} 2048`,
 		`policyd_store_bytes{part="records"} 280`,

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io/fs"
 	"log/slog"
+	"net/netip"
 	"path"
 	"sort"
 	"strconv"
@@ -44,13 +45,17 @@ type Metrics interface {
 	Decision(protocol string, h Hook, rule string, c Code, dryRun bool)
 	HookDuration(protocol string, h Hook, d time.Duration)
 	RuleError(rule string, h Hook, kind string) // kind: "store" or "panic"
+	// Delayed is a delay a rule asked the front-end to hold a reply for
+	// (before the front-end caps it to what the MTA allows).
+	Delayed(protocol string, h Hook, rule string, d time.Duration)
 }
 
 type noMetrics struct{}
 
-func (noMetrics) Decision(string, Hook, string, Code, bool) {}
-func (noMetrics) HookDuration(string, Hook, time.Duration)  {}
-func (noMetrics) RuleError(string, Hook, string)            {}
+func (noMetrics) Decision(string, Hook, string, Code, bool)   {}
+func (noMetrics) HookDuration(string, Hook, time.Duration)    {}
+func (noMetrics) RuleError(string, Hook, string)              {}
+func (noMetrics) Delayed(string, Hook, string, time.Duration) {}
 
 // Options are what a chain is built with.
 type Options struct {
@@ -159,6 +164,9 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		if len(errs) > before {
 			continue
 		}
+		if w := overrideProblem(rule, def, e.ovr); w != "" {
+			warns = append(warns, ConfigError{Pos: pl.Pos, Msg: pl.Name + ": " + w, Warning: true})
+		}
 		e.rule = rule
 		c.add(e)
 	}
@@ -169,6 +177,68 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		return nil, warns, sortErrors(errs)
 	}
 	return c, warns, nil
+}
+
+// Answerer is a rule that says which refusals it can give, so that a
+// code or enhanced override that could never apply to any of them is
+// reported at load rather than ignored at run time.
+type Answerer interface {
+	Answers() []Code
+}
+
+// overrideProblem says why the code or enhanced override o never
+// applies to the rule's answers, or "" when it may (or the rule does not
+// say what it answers).
+func overrideProblem(rule any, def Definition, o override) string {
+	if o.code == 0 && o.enhanced == "" {
+		return ""
+	}
+	var answers []Code
+	if a, ok := rule.(Answerer); ok {
+		answers = a.Answers()
+	} else if !def.NeverRefuses {
+		return ""
+	}
+	var names []string
+	for _, c := range answers {
+		r := replyFor(c, "", o)
+		if (o.code == 0 || r.CodeSet) && (o.enhanced == "" || r.Enhanced == o.enhanced) {
+			return ""
+		}
+		names = append(names, c.String())
+	}
+	what := "code"
+	if o.code == 0 {
+		what = "enhanced"
+	} else if o.enhanced != "" {
+		what = "code or enhanced"
+	}
+	if len(names) == 0 {
+		return fmt.Sprintf("%s is never used: the rule never refuses", what)
+	}
+	return fmt.Sprintf("%s never applies: the rule answers only %s, and an override replaces only a code of its own class (4xx for DENYSOFT, 5xx for DENY), never a disconnecting answer's",
+		what, strings.Join(names, ", "))
+}
+
+// MilterNeeder is a rule that cannot work behind the policy protocol
+// alone; NeedsMilter says why, or "" when its settings do not need it.
+type MilterNeeder interface {
+	NeedsMilter() string
+}
+
+// NeedsMilter lists the rules of the chain that need the milter
+// front-end, with why, for a daemon or check that knows which
+// listeners are on.
+func (c *Chain) NeedsMilter() map[string]string {
+	out := map[string]string{}
+	for _, e := range c.entries {
+		if m, ok := e.rule.(MilterNeeder); ok {
+			if why := m.NeedsMilter(); why != "" {
+				out[e.name] = why
+			}
+		}
+	}
+	return out
 }
 
 // orderProblems warns, at each plugins line, about a rule placed where
@@ -328,6 +398,38 @@ func (c *Chain) ClientIPv6Prefix() int {
 		return DefaultIPv6Prefix
 	}
 	return bits
+}
+
+// RecordQuery is what an admin asks about: a client, and optionally
+// the sender and recipient of a message from it (to find a greylist
+// triplet among its records).
+type RecordQuery struct {
+	Client    netip.Addr // invalid when the question is about a network
+	Sender    string
+	Recipient string
+}
+
+// RecordDescriber is a rule whose stored values need reading for an
+// admin: it says in words what one of its records means (a greylist
+// entry's state and times rather than "g:1733..."), and "" for a record
+// it has nothing to add to.
+type RecordDescriber interface {
+	DescribeRecord(r store.Record, q RecordQuery, now time.Time) string
+}
+
+// DescribeRecord is what the rule instance that wrote r says about it,
+// or "" when that rule is not in the chain or says nothing.
+func (c *Chain) DescribeRecord(r store.Record, q RecordQuery, now time.Time) string {
+	for _, e := range c.entries {
+		if e.name != r.Rule {
+			continue
+		}
+		if d, ok := e.rule.(RecordDescriber); ok {
+			return d.DescribeRecord(r, q, now)
+		}
+		return ""
+	}
+	return ""
 }
 
 // Delayer is a rule that holds replies: it says the longest it may ask

@@ -56,8 +56,11 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 		}
 		dry := c.opts.DryRun || e.dryRun
 		if res.Code == Declined { // 2
-			t.pass(e, h, s, res, dry)
+			t.pass(c.opts.Metrics, e, h, s, res, dry)
 			continue
+		}
+		if res.Delay > 0 && !dry {
+			c.opts.Metrics.Delayed(s.Protocol, h, e.name, res.Delay)
 		}
 		d := c.decide(e, h, res, err, dry, t) // 3
 		c.logDecision(s, e, d)
@@ -99,12 +102,15 @@ type delays struct {
 	pretend time.Duration
 }
 
-func (t *delays) pass(e *entry, h Hook, s *Session, res Result, dry bool) {
+func (t *delays) pass(m Metrics, e *entry, h Hook, s *Session, res Result, dry bool) {
 	if dry && res.Delay > 0 {
 		// A rule on trial must not slow the MTA down.
 		e.log.Debug("delay not applied (dry run)", "hook", h.String(), "client", s.Client.String(), "delay", res.Delay)
 		t.pretend += res.Delay
 		return
+	}
+	if res.Delay > 0 {
+		m.Delayed(s.Protocol, h, e.name, res.Delay)
 	}
 	t.given += res.Delay
 }

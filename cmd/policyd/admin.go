@@ -14,6 +14,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/policyd-mail/policyd/rules"
 	"github.com/policyd-mail/policyd/store"
 )
 
@@ -30,6 +31,9 @@ type adminRecord struct {
 	Fields map[string]int64 `json:"fields,omitempty"`
 	// TTL in seconds; absent when the key does not expire.
 	TTL float64 `json:"ttl_seconds,omitempty"`
+	// Detail is what the rule that wrote the record says it means, in
+	// words (a greylist entry's state and times), when it says anything.
+	Detail string `json:"detail,omitempty"`
 }
 
 // adminReply is the body of GET and DELETE /api/v1/clients/{client}.
@@ -57,10 +61,15 @@ const adminPage = 1000
 // while, but an operator's command must not hang.
 const adminTimeout = 30 * time.Second
 
-func toAdmin(rs []store.Record) []adminRecord {
+// toAdmin turns records into the API's, each described by the rule of
+// chain c that wrote it (nil c: no descriptions).
+func toAdmin(rs []store.Record, c *rules.Chain, q rules.RecordQuery, now time.Time) []adminRecord {
 	out := make([]adminRecord, 0, len(rs))
 	for _, r := range rs {
 		a := adminRecord{Key: r.Key, Rule: r.Rule, About: r.About.String(), Kind: string(r.Kind), Fields: r.Fields}
+		if c != nil {
+			a.Detail = c.DescribeRecord(r, q, now)
+		}
 		if r.Kind == store.KindString {
 			a.Value = string(r.Value)
 		}
@@ -89,6 +98,11 @@ func (d *daemon) adminClients(w http.ResponseWriter, r *http.Request) {
 	ctx, cancel := context.WithTimeout(r.Context(), adminTimeout)
 	defer cancel()
 	reply := adminReply{Client: p.String()}
+	c, now := d.chain.Load(), time.Now()
+	q := rules.RecordQuery{Sender: r.URL.Query().Get("sender"), Recipient: r.URL.Query().Get("recipient")}
+	if p.IsSingleIP() {
+		q.Client = p.Addr()
+	}
 	if r.Method == http.MethodDelete && tooWide(p) && r.URL.Query().Get("force") != "1" {
 		writeJSON(w, http.StatusBadRequest, adminError{fmt.Sprintf(
 			"%s is wider than /%d (IPv6 /%d): forgetting it deletes what is stored about every client in it; repeat with --force (?force=1) if that is what you mean",
@@ -97,8 +111,8 @@ func (d *daemon) adminClients(w http.ResponseWriter, r *http.Request) {
 	}
 	if r.Method == http.MethodDelete {
 		var deleted, kept []store.Record
-		deleted, kept, err = store.ForgetClient(ctx, d.rawStore, p, d.chain.Load().ClientIPv6Prefix())
-		reply.Deleted, reply.Kept = toAdmin(deleted), toAdmin(kept)
+		deleted, kept, err = store.ForgetClient(ctx, d.rawStore, p, c.ClientIPv6Prefix())
+		reply.Deleted, reply.Kept = toAdmin(deleted, c, q, now), toAdmin(kept, c, q, now)
 		reply.Records = reply.Kept
 		if err == nil {
 			d.log.Info("admin forget", "client", p.String(), "deleted", len(deleted), "kept", len(kept), "remote", r.RemoteAddr)
@@ -106,7 +120,7 @@ func (d *daemon) adminClients(w http.ResponseWriter, r *http.Request) {
 	} else {
 		var found []store.Record
 		found, reply.Next, err = store.FindClientPage(ctx, d.rawStore, p, r.URL.Query().Get("after"), adminPage)
-		reply.Records = toAdmin(found)
+		reply.Records = toAdmin(found, c, q, now)
 	}
 	if err != nil {
 		code := http.StatusInternalServerError

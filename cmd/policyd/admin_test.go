@@ -12,6 +12,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -430,5 +431,27 @@ func TestChainCommand(t *testing.T) {
 	out, _, rc = admin(t, d, "chain")
 	if rc != 0 || !strings.Contains(out, "threshold=7") || !strings.Contains(out, "the last reload") || !strings.Contains(out, "was refused") {
 		t.Fatalf("chain after a refused reload: rc=%d %q", rc, out)
+	}
+}
+
+// inspect shows a greylist entry in words (state, times as durations),
+// and points out the triplet of the sender and recipient an admin names;
+// before, it showed a hash and "g:<unix milliseconds>".
+func TestInspectGreylisting(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("greylisting\n"), 0o644)
+	d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir())
+	const client = "192.0.2.70"
+	if got := askPolicy(t, d.policy, client, "1", "a@example.org"); !strings.HasPrefix(got, "action=450 4.7.1") {
+		t.Fatalf("first attempt: %s", got)
+	}
+	askPolicy(t, d.policy, client, "2", "b@example.org")
+	out, errs, rc := admin(t, d, "inspect", client, "--sender", "A@example.org", "--recipient", "<r@example.test>")
+	if rc != 0 {
+		t.Fatalf("inspect: rc=%d %s", rc, errs)
+	}
+	mine := regexp.MustCompile(`greylisting +192\.0\.2\.0/24 +string +3h\d+m\d+s +the triplet of sender <a@example\.org>, recipient <r@example\.test>: grey: first seen \d+s ago; a retry passes in \d+m\d+s \(and until 3h\d+m\d+s from now\)`)
+	if !mine.MatchString(out) || strings.Count(out, "the triplet of") != 1 || strings.Count(out, "grey: first seen") != 2 || strings.Contains(out, "g:") {
+		t.Errorf("inspect --sender --recipient:\n%s", out)
 	}
 }

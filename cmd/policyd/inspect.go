@@ -29,9 +29,11 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 	tokenFile := fset.String("admin-token-file", "", "file holding the daemon's admin bearer token")
 	timeout := fset.Duration("timeout", adminTimeout+5*time.Second, "give up after this long")
 	var force *bool
-	after := new(string)
+	after, sender, rcpt := new(string), new(string), new(string)
 	if cmd == "inspect" {
 		after = fset.String("after", "", "the page after this key: what a large network's last page said")
+		sender = fset.String("sender", "", "with --recipient: point out the greylist triplet of this envelope sender (\"\" or <> for the null sender)")
+		rcpt = fset.String("recipient", "", "with --sender: point out the greylist triplet of this recipient")
 	}
 	if cmd == "forget" {
 		force = fset.Bool("force", false, fmt.Sprintf("forget a network wider than /%d (IPv6 /%d), everything stored about every client in it", forgetMinBits4, forgetMinBits6))
@@ -86,6 +88,10 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 	}
 	if *after != "" {
 		query.Set("after", *after)
+	}
+	if *sender != "" || *rcpt != "" {
+		query.Set("sender", *sender)
+		query.Set("recipient", *rcpt)
 	}
 	body, code, err := adminCall(ctx, method, *httpAddr, client, token, query.Encode())
 	if err != nil {
@@ -199,7 +205,11 @@ func printRecords(w io.Writer, rs []adminRecord) {
 		if r.TTL > 0 {
 			exp = shortDuration(time.Duration(r.TTL * float64(time.Second)))
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.Rule, r.About, r.Kind, exp, recordValue(r))
+		v := recordValue(r)
+		if r.Detail != "" {
+			v = r.Detail
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", r.Rule, r.About, r.Kind, exp, v)
 	}
 	tw.Flush()
 }

@@ -10,6 +10,7 @@ import (
 	"io/fs"
 	"log/slog"
 	"os"
+	"path"
 	"runtime/debug"
 	"sort"
 	"strconv"
@@ -303,6 +304,12 @@ func check(args []string, stdout, stderr io.Writer) int {
 	fset.SetOutput(stderr)
 	dir := fset.String("config", "", "config directory to check")
 	strict := fset.Bool("strict", false, "exit 1 on any warning too (a rule placed where it cannot act, a file no rule reads)")
+	// serve's listener flags (and so their environment twins): what a
+	// rule cannot do with the listeners the daemon will run is said too.
+	var o options
+	fset.StringVar(&o.policyListen, "policy-listen", "127.0.0.1:10040", "the daemon's policy listener (empty: off), to check the chain against")
+	fset.StringVar(&o.milterListen, "milter-listen", "127.0.0.1:10041", "the daemon's milter listener (empty: off), to check the chain against")
+	fset.DurationVar(&o.policyDelay, "policy-max-delay", 8*time.Second, "the daemon's --policy-max-delay, to check the chain's delays against")
 	if err := parseFlags(fset, args, os.LookupEnv); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -323,10 +330,15 @@ func check(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stdout, err.Error())
 		return 1
 	}
+	nwarn := len(warns)
+	for _, w := range listenerWarnings(c, o.policyListen, o.milterListen, o.policyDelay) {
+		fmt.Fprintf(stdout, "%s: warning: %s\n", path.Join(name, "plugins"), w)
+		nwarn++
+	}
 	fmt.Fprintf(stdout, "%s: OK, %s\n", name, count(len(c.Rules()), "rule"))
 	fmt.Fprint(stdout, c.Describe())
-	if *strict && len(warns) > 0 {
-		fmt.Fprintf(stdout, "%s: %s (--strict)\n", name, count(len(warns), "warning"))
+	if *strict && nwarn > 0 {
+		fmt.Fprintf(stdout, "%s: %s (--strict)\n", name, count(nwarn, "warning"))
 		return 1
 	}
 	return 0

@@ -201,3 +201,44 @@ func TestCheckOrder(t *testing.T) {
 		t.Errorf("a well-ordered chain fails check --strict: rc=%d", rc)
 	}
 }
+
+// check reports a code override that can never apply (before, it was
+// accepted and ignored at run time), and a rule that needs the milter
+// front-end when --milter-listen is off (only then); --strict fails on
+// them.
+func TestCheckOverridesAndListeners(t *testing.T) {
+	for _, tc := range []struct {
+		plugins string
+		args    []string
+		warn    string // "" for none
+	}{
+		{"badmailfrom sender x@example.org code 450\n", nil, "plugins:1: warning: badmailfrom: code never applies: the rule answers only DENY"},
+		{"greylisting code 550\n", nil, "plugins:1: warning: greylisting: code never applies: the rule answers only DENYSOFT"},
+		{"greylisting enhanced 5.7.1\n", nil, "plugins:1: warning: greylisting: enhanced never applies"},
+		{"whitelist clients 192.0.2.1 code 550\n", nil, "plugins:1: warning: whitelist: code is never used: the rule never refuses"},
+		{"hosts_allow max_conn_ip 2 code 450\n", nil, "hosts_allow: code never applies: the rule answers only DENYSOFT_DISCONNECT"},
+		{"greylisting code 451 enhanced 4.7.0\n", nil, ""},
+		{"badmailfrom sender x@example.org code 554\n", nil, ""},
+		{"hosts_allow max_conn_ip 2\n", []string{"--milter-listen", ""}, "warning: a rule needs the milter front-end, and --milter-listen is off rule=hosts_allow why=max_conn_ip 2 counts concurrent sessions"},
+		{"hosts_allow max_conn_ip 2\n", nil, ""},
+		{"spamthrottle stmax 20000\n", nil, "warning: a rule may delay longer than --policy-max-delay allows"},
+		{"spamthrottle stmax 20000\n", []string{"--policy-max-delay", "30s"}, ""},
+		{"spamthrottle stmax 20000\n", []string{"--policy-listen", ""}, ""},
+	} {
+		dir := t.TempDir()
+		os.WriteFile(filepath.Join(dir, "plugins"), []byte(tc.plugins), 0o644)
+		var out strings.Builder
+		rc := run(append([]string{"check", "--config", dir}, tc.args...), &out, io.Discard)
+		if rc != 0 || tc.warn != "" && !strings.Contains(out.String(), tc.warn) || tc.warn == "" && strings.Contains(out.String(), "warning") {
+			t.Errorf("check %q %q: rc=%d, want 0 and %q:\n%s", tc.plugins, tc.args, rc, tc.warn, out.String())
+		}
+		out.Reset()
+		wantRC := 0
+		if tc.warn != "" {
+			wantRC = 1
+		}
+		if rc := run(append([]string{"check", "--strict", "--config", dir}, tc.args...), &out, io.Discard); rc != wantRC {
+			t.Errorf("check --strict %q %q: rc=%d, want %d:\n%s", tc.plugins, tc.args, rc, wantRC, out.String())
+		}
+	}
+}

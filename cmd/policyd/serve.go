@@ -8,6 +8,7 @@ import (
 	"io"
 	stdlog "log"
 	"log/slog"
+	"maps"
 	"net"
 	"net/http"
 	"net/http/pprof"
@@ -15,6 +16,7 @@ import (
 	"os"
 	"os/signal"
 	"runtime"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -311,18 +313,52 @@ func (d *daemon) load() (*rules.Chain, error) {
 		return nil, configFailure(d.log, name, err)
 	}
 	d.log.Info("chain loaded", "config", name, "rules", strings.Join(c.Rules(), ","))
-	if d.o.policyListen != "" {
-		for rule, max := range c.MaxDelays() {
-			if max > d.o.policyDelay {
-				d.log.Warn("a rule may delay longer than --policy-max-delay allows behind the policy protocol: its delays there are cut to it",
-					"rule", rule, "max_delay", max, "policy_max_delay", d.o.policyDelay)
-			}
-		}
+	for _, w := range listenerWarnings(c, d.o.policyListen, d.o.milterListen, d.o.policyDelay) {
+		d.log.Warn(w.msg, w.attrs...)
 	}
 	for _, line := range strings.Split(strings.TrimSpace(c.Describe()), "\n") {
 		d.log.Info("chain", "rule", line)
 	}
 	return c, nil
+}
+
+// listenerWarning is something a rule of the chain cannot do with the
+// listeners the daemon runs.
+type listenerWarning struct {
+	msg   string
+	attrs []any
+}
+
+func (w listenerWarning) String() string {
+	var b strings.Builder
+	b.WriteString(w.msg)
+	for i := 0; i+1 < len(w.attrs); i += 2 {
+		fmt.Fprintf(&b, " %v=%v", w.attrs[i], w.attrs[i+1])
+	}
+	return b.String()
+}
+
+// listenerWarnings compares the chain with the listeners: a delay longer
+// than the policy protocol allows, a rule that needs the milter protocol
+// when the milter listener is off. serve logs them; check prints them.
+func listenerWarnings(c *rules.Chain, policyListen, milterListen string, policyDelay time.Duration) []listenerWarning {
+	var out []listenerWarning
+	if policyListen != "" {
+		for _, rule := range slices.Sorted(maps.Keys(c.MaxDelays())) {
+			if max := c.MaxDelays()[rule]; max > policyDelay {
+				out = append(out, listenerWarning{"a rule may delay longer than --policy-max-delay allows behind the policy protocol: its delays there are cut to it",
+					[]any{"rule", rule, "max_delay", max, "policy_max_delay", policyDelay}})
+			}
+		}
+	}
+	if milterListen == "" {
+		needs := c.NeedsMilter()
+		for _, rule := range slices.Sorted(maps.Keys(needs)) {
+			out = append(out, listenerWarning{"a rule needs the milter front-end, and --milter-listen is off",
+				[]any{"rule", rule, "why", needs[rule]}})
+		}
+	}
+	return out
 }
 
 // configFailure logs each problem of a configuration that did not load

@@ -46,6 +46,7 @@ func simulate(args []string, stdout, stderr io.Writer) int {
 		rcpts = append(rcpts, v)
 		return nil
 	})
+	fset.StringVar(&o.logFormat, "log-format", "text", "format of what goes to stderr (warnings, errors): text or json, as serve's")
 	fset.IntVar(&nth, "session", 1, "simulate the client's Nth session: sessions 1..N-1 run first on the same store, unprinted")
 	fset.Usage = func() {
 		fmt.Fprint(fset.Output(), `usage: policyd simulate --ip A [--helo H] [--from S] [--rcpt R]... [flags]
@@ -67,38 +68,48 @@ flags:
 		fmt.Fprintln(stderr, "policyd simulate:", err)
 		return 2
 	}
-	client, err := netip.ParseAddr(ip)
-	if err != nil {
-		fmt.Fprintf(stderr, "policyd simulate: --ip %q is not an IP address\n", ip)
+	// Everything on stderr, from a bad flag value to a rule's warning,
+	// is one log format, the daemon's, so one parser reads both.
+	tap := &decisionTap{}
+	var log *slog.Logger
+	switch o.logFormat {
+	case "text":
+		log = slog.New(tap.wrap(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	case "json":
+		log = slog.New(tap.wrap(slog.NewJSONHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
+	default:
+		fmt.Fprintf(stderr, "policyd simulate: --log-format %q is neither text nor json\n", o.logFormat)
 		return 2
 	}
+	fail := func(rc int, msg string, args ...any) int {
+		log.Error("policyd simulate: "+msg, args...)
+		return rc
+	}
+	client, err := netip.ParseAddr(ip)
+	if err != nil {
+		return fail(2, "--ip is not an IP address", "ip", ip)
+	}
 	if nth < 1 {
-		fmt.Fprintln(stderr, "policyd simulate: --session must be 1 or more")
-		return 2
+		return fail(2, "--session must be 1 or more", "session", nth)
 	}
 	var clock rules.Clock = rules.SystemClock{}
 	if at != "" {
 		t, err := parseAt(at, time.Now())
 		if err != nil {
-			fmt.Fprintln(stderr, "policyd simulate: --at:", err)
-			return 2
+			return fail(2, "--at", "err", err)
 		}
 		clock = fixedClock{t}
 	}
 
-	tap := &decisionTap{}
-	log := slog.New(tap.wrap(slog.NewTextHandler(stderr, &slog.HandlerOptions{Level: slog.LevelWarn})))
 	// The config is looked at first: a wrong --config must not create or
 	// lock a state directory.
 	fsys, name, err := configDir(o.config)
 	if err != nil {
-		fmt.Fprintln(stderr, "policyd simulate:", err)
-		return 1
+		return fail(1, "no configuration", "err", err)
 	}
 	st, err := openStore(o)
 	if err != nil {
-		fmt.Fprintln(stderr, "policyd simulate:", err)
-		return 1
+		return fail(1, "no store", "err", err)
 	}
 	if !write {
 		st = overlay.New(st, nil)
@@ -110,16 +121,14 @@ flags:
 	_, _, err = st.Get(pctx, store.Prefix+"simulate")
 	cancel()
 	if err != nil {
-		fmt.Fprintln(stderr, "policyd simulate: the store does not answer, so every rule would fail open:", err)
-		return 1
+		return fail(1, "the store does not answer, so every rule would fail open", "err", err)
 	}
 	c, warns, err := rules.Load(fsys, name, rules.Options{Store: st, Logger: log, Clock: clock})
 	for _, w := range warns {
-		fmt.Fprintln(stderr, w.Error())
+		log.Warn("config", "problem", w.Error())
 	}
 	if err != nil {
-		fmt.Fprintln(stderr, err.Error())
-		return 1
+		return fail(1, "the configuration does not load", "err", configFailure(log, name, err))
 	}
 
 	sc := script{client: client, helo: helo, from: from, rcpts: rcpts}

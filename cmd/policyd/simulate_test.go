@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"github.com/policyd-mail/policyd/internal/testing/testredis"
+	"io"
 	"os"
 	"path/filepath"
 	"slices"
@@ -157,6 +158,18 @@ func TestSimulate(t *testing.T) {
 	}
 }
 
+// oneLogFormat fails unless every line of stderr is a log record of the
+// daemon's text format. Before, simulate mixed "policyd simulate: …"
+// lines, bare config problems and log records.
+func oneLogFormat(t *testing.T, stderr string) {
+	t.Helper()
+	for _, line := range strings.Split(strings.TrimSuffix(stderr, "\n"), "\n") {
+		if !strings.HasPrefix(line, "time=") || !strings.Contains(line, " level=") {
+			t.Errorf("stderr line is not a log record: %q", line)
+		}
+	}
+}
+
 func TestSimulateUsage(t *testing.T) {
 	// Errors must not leave a state directory behind in the package.
 	t.Chdir(t.TempDir())
@@ -174,7 +187,7 @@ func TestSimulateUsage(t *testing.T) {
 		rc   int
 		err  string
 	}{
-		{[]string{"simulate"}, 2, `--ip "" is not an IP address`},
+		{[]string{"simulate"}, 2, `--ip is not an IP address" ip=""`},
 		{[]string{"simulate", "--ip", "mx.example.org"}, 2, "is not an IP address"},
 		{[]string{"simulate", "--ip", "192.0.2.1", "--session", "0"}, 2, "--session must be 1 or more"},
 		{[]string{"simulate", "--ip", "192.0.2.1", "--store", "nosuch://"}, 1, "not a store URL"},
@@ -186,6 +199,7 @@ func TestSimulateUsage(t *testing.T) {
 		if rc := run(tc.args, &out, &errw); rc != tc.rc || !strings.Contains(errw.String(), tc.err) {
 			t.Errorf("%q: rc=%d stderr=%q, want rc=%d and %q", tc.args, rc, errw.String(), tc.rc, tc.err)
 		}
+		oneLogFormat(t, errw.String())
 	}
 	// A bad config is reported as check reports it, file:line first.
 	cfg := t.TempDir()
@@ -195,6 +209,15 @@ func TestSimulateUsage(t *testing.T) {
 		!strings.Contains(errw.String(), cfg+"/plugins:1: connection_shaper: threshold") {
 		t.Errorf("bad config: rc=%d %q", rc, errw.String())
 	}
+	oneLogFormat(t, errw.String())
+	// A warning and a rule's own log line share it too.
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("greylisting db_dir /x\n"), 0o644)
+	errw.Reset()
+	if rc := run([]string{"simulate", "--ip", "192.0.2.1", "--config", cfg, "--rcpt", "a@example.test"}, io.Discard, &errw); rc != 0 ||
+		!strings.Contains(errw.String(), "db_dir is ignored") {
+		t.Errorf("warning: rc=%d %q", rc, errw.String())
+	}
+	oneLogFormat(t, errw.String())
 }
 
 // simulate against the daemon's Redis reads it and writes nothing to it,

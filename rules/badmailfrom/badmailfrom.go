@@ -60,3 +60,7 @@ func (r *BadMailFrom) Rcpt(_ context.Context, s *rules.Session) (rules.Result, e
 	}
 	return rules.Result{}, nil
 }
+
+// Answers are the refusals the rule gives (rules.Answerer): it only
+// refuses for good, so a code override of the other class is reported at load.
+func (r *BadMailFrom) Answers() []rules.Code { return []rules.Code{rules.Deny} }

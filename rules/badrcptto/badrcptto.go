@@ -40,3 +40,7 @@ func (r *BadRcptTo) Rcpt(_ context.Context, s *rules.Session) (rules.Result, err
 	}
 	return rules.Decided(rules.Deny, reason), nil
 }
+
+// Answers are the refusals the rule gives (rules.Answerer): it only
+// refuses for good, so a code override of the other class is reported at load.
+func (r *BadRcptTo) Answers() []rules.Code { return []rules.Code{rules.Deny} }

@@ -64,3 +64,7 @@ func (c *Shaper) Connect(ctx context.Context, s *rules.Session) (rules.Result, e
 
 // ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
 func (s *Shaper) ClientKeys() store.Keys { return s.keys }
+
+// Answers are the refusals the rule gives (rules.Answerer): it only
+// defers, so a code override of the other class is reported at load.
+func (c *Shaper) Answers() []rules.Code { return []rules.Code{rules.DenySoft} }

@@ -144,3 +144,7 @@ func (o *Offenders) Connect(ctx context.Context, s *rules.Session) (rules.Result
 
 // ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
 func (o *Offenders) ClientKeys() store.Keys { return o.keys }
+
+// Answers are the refusals the rule gives (rules.Answerer): it only
+// defers, so a code override of the other class is reported at load.
+func (o *Offenders) Answers() []rules.Code { return []rules.Code{rules.DenySoft} }

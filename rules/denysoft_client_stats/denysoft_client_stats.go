@@ -128,3 +128,9 @@ func (r *Refuser) decide(s *rules.Session, refuse rules.Code) rules.Result {
 	r.log.Debug("passing", "client", s.Client.String(), "stats", what, "probability", p)
 	return rules.Result{}
 }
+
+// Answers are the refusals the rule gives (rules.Answerer): it only
+// defers, so a code override of the other class is reported at load.
+func (r *Refuser) Answers() []rules.Code {
+	return []rules.Code{rules.DenySoft, rules.DenySoftDisconnect}
+}

@@ -12,6 +12,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"time"
@@ -49,11 +50,21 @@ type Greylist struct {
 	remoteIP, sender, rcpt bool
 	v4bits, v6bits         int
 	keys                   store.Keys
+	// rcptWhite are recipients never greylisted: "local@" (any domain),
+	// "@domain", "local@domain", lower case.
+	rcptWhite []string
+	// nameWhite are client-name suffixes never greylisted ("google.com"
+	// matches mail-x.google.com and google.com).
+	nameWhite []string
+	// awl is how many confirmed triplets whitelist a client network
+	// (postgrey's --auto-whitelist-clients); 0 turns it off.
+	awl int64
 }
 
 var _ rules.RcptHook = (*Greylist)(nil)
 var _ rules.DataHook = (*Greylist)(nil)
 var _ rules.ClientKeyer = (*Greylist)(nil)
+var _ rules.RecordDescriber = (*Greylist)(nil)
 
 func setup(b *rules.Binder, env rules.Env) (any, error) {
 	g := &Greylist{
@@ -71,6 +82,9 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		v6bits:   b.IPv6Prefix(),
 	}
 	g.keys = store.NewKeys(env.Name, g.v6bits)
+	g.rcptWhite = bindRecipients(b)
+	g.nameWhite = bindNames(b)
+	g.awl = b.Int("auto_whitelist", 5, 0, 1_000_000)
 	switch m := b.String("mode", "denysoft"); m {
 	case "denysoft":
 		g.mode = ModeDenySoft
@@ -95,9 +109,97 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 	return g, nil
 }
 
+// defaultRecipients must always reach a site (RFC 5321 section 4.5.1
+// for postmaster; RFC 2142 for abuse), so a stranger reporting a problem
+// is never sent away for 50 minutes.
+var defaultRecipients = []string{"postmaster@", "abuse@"}
+
+// bindRecipients reads whitelist_recipient: entries add to the defaults;
+// "none" drops them.
+func bindRecipients(b *rules.Binder) []string {
+	out := slices.Clone(defaultRecipients)
+	for _, set := range b.Each("whitelist_recipient") {
+		for _, v := range strings.FieldsFunc(set.Value, isSep) {
+			v = strings.ToLower(normalize(v))
+			switch {
+			case v == "none":
+				out = out[len(defaultRecipients):]
+			case strings.Count(v, "@") != 1 || v == "@":
+				b.ErrorAt(set, "%q is not local@, @domain or local@domain", v)
+			default:
+				out = append(out, v)
+			}
+		}
+	}
+	return out
+}
+
+// bindNames reads whitelist_client_name: domain suffixes of the client's
+// verified name.
+func bindNames(b *rules.Binder) []string {
+	var out []string
+	for _, set := range b.Each("whitelist_client_name") {
+		for _, v := range strings.FieldsFunc(set.Value, isSep) {
+			v = strings.Trim(strings.ToLower(v), ".")
+			if v == "" || strings.ContainsAny(v, "@/*") || !strings.Contains(v, ".") {
+				b.ErrorAt(set, "%q is not a domain name (a suffix such as google.com)", v)
+				continue
+			}
+			out = append(out, v)
+		}
+	}
+	return out
+}
+
+func isSep(r rune) bool { return r == ',' || r == ' ' || r == '\t' }
+
 // skip tells the sessions greylisting leaves alone.
 func (g *Greylist) skip(s *rules.Session) bool {
-	return g.mode == ModeOff || s.Txn == nil || s.Whitelisted() || s.AuthUser != ""
+	return g.mode == ModeOff || s.Txn == nil || s.Whitelisted() || s.AuthUser != "" || g.nameListed(s.ClientName)
+}
+
+// nameListed tells a client whose verified name ends in a listed domain.
+// Big senders retry from other networks, so their triplets would never
+// be confirmed; their names, unlike their addresses, stay put. The name
+// is the one the MTA verified (Postfix's client_name, not
+// reverse_client_name), so a spammer cannot claim one.
+func (g *Greylist) nameListed(name string) bool {
+	if len(g.nameWhite) == 0 || name == "" || name == "unknown" {
+		return false
+	}
+	name = strings.TrimSuffix(strings.ToLower(name), ".")
+	for _, suffix := range g.nameWhite {
+		if name == suffix || strings.HasSuffix(name, suffix) && name[len(name)-len(suffix)-1] == '.' {
+			return true
+		}
+	}
+	return false
+}
+
+// rcptListed tells a whitelisted recipient.
+func (g *Greylist) rcptListed(rcpt string) bool {
+	r := normalize(rcpt)
+	at := strings.LastIndexByte(r, '@')
+	if at < 0 {
+		// A bare local part (Postfix's "postmaster" without a domain).
+		at = len(r)
+		r += "@"
+	}
+	for _, w := range g.rcptWhite {
+		switch {
+		case w[len(w)-1] == '@':
+			if r[:at+1] == w {
+				return true
+			}
+		case w[0] == '@':
+			if r[at:] == w {
+				return true
+			}
+		case r == w:
+			return true
+		}
+	}
+	return false
 }
 
 // Rcpt greylists the recipient's triplet. The null sender's are left to
@@ -105,7 +207,7 @@ func (g *Greylist) skip(s *rules.Session) bool {
 // another MTA must get its 250, or that MTA defers its own user's mail
 // because of our greylisting (qpsmtpd defers the null sender at DATA too).
 func (g *Greylist) Rcpt(ctx context.Context, s *rules.Session) (rules.Result, error) {
-	if g.skip(s) || s.Txn.Sender == "" {
+	if g.skip(s) || s.Txn.Sender == "" || g.rcptListed(s.Txn.Rcpt) {
 		return rules.Result{}, nil
 	}
 	return g.triplet(ctx, s, s.Txn.Rcpt)
@@ -120,6 +222,9 @@ func (g *Greylist) Data(ctx context.Context, s *rules.Session) (rules.Result, er
 	}
 	var res rules.Result
 	for _, rcpt := range s.Txn.Rcpts {
+		if g.rcptListed(rcpt) {
+			continue
+		}
 		r, err := g.triplet(ctx, s, rcpt)
 		if err != nil {
 			return rules.Result{}, err
@@ -133,8 +238,9 @@ func (g *Greylist) Data(ctx context.Context, s *rules.Session) (rules.Result, er
 
 // triplet checks the triplet of s's client and sender with rcpt.
 func (g *Greylist) triplet(ctx context.Context, s *rules.Session, rcpt string) (rules.Result, error) {
-	key := g.key(s, rcpt)
-	pass, err := g.check(ctx, key, g.clock.Now())
+	key := g.key(s.Client, s.Txn.Sender, rcpt)
+	awl, awlOK := g.awlKey(s)
+	pass, err := g.check(ctx, key, awl, awlOK, g.clock.Now())
 	if err != nil || pass {
 		return rules.Result{}, err
 	}
@@ -150,13 +256,28 @@ func (g *Greylist) triplet(ctx context.Context, s *rules.Session, rcpt string) (
 // grey_timeout → white (pass), white → pass. The first call is a SetNX
 // that records a new triplet and returns a known one's state, so most
 // recipients cost one store call; promotion, refresh and restart cost two.
-func (g *Greylist) check(ctx context.Context, key string, now time.Time) (bool, error) {
+//
+// With auto_whitelist, a confirmation also counts towards the client
+// network's tally, and a new triplet from a network whose tally reached
+// auto_whitelist passes at once (and is recorded white): known triplets
+// never pay for the tally, so the usual recipient still costs one call.
+func (g *Greylist) check(ctx context.Context, key, awl string, awlOK bool, now time.Time) (bool, error) {
 	stored, cur, err := g.store.SetNX(ctx, key, entry('g', now), g.grey)
 	if err != nil {
 		return false, fmt.Errorf("greylisting setnx %s: %w", key, err)
 	}
 	if stored {
-		return false, nil
+		if !awlOK {
+			return false, nil
+		}
+		v, found, err := g.store.Get(ctx, awl)
+		if err != nil {
+			return false, fmt.Errorf("greylisting auto-whitelist %s: %w", awl, err)
+		}
+		if n, _ := strconv.ParseInt(string(v), 10, 64); !found || n < g.awl {
+			return false, nil
+		}
+		return true, g.set(ctx, key, entry('w', now), g.white)
 	}
 	state, since, ok := parse(cur)
 	age := now.Sub(since)
@@ -169,7 +290,17 @@ func (g *Greylist) check(ctx context.Context, key string, now time.Time) (bool, 
 	case ok && state == 'g' && age < g.black:
 		return false, nil
 	case ok && state == 'g' && age < g.grey:
-		return true, g.set(ctx, key, entry('w', now), g.white)
+		if err := g.set(ctx, key, entry('w', now), g.white); err != nil {
+			return true, err
+		}
+		if awlOK {
+			// The tally lives as long as a white triplet: a network
+			// that stops confirming new triplets loses its pass.
+			if _, err := g.store.Incr(ctx, awl, 1, g.white); err != nil {
+				return true, fmt.Errorf("greylisting auto-whitelist %s: %w", awl, err)
+			}
+		}
+		return true, nil
 	}
 	// A stale entry the store has not expired yet (its clock differs from
 	// ours) or one we cannot read: the triplet starts over.
@@ -204,11 +335,11 @@ func parse(v []byte) (state byte, t time.Time, ok bool) {
 // network is the hash tag, so all of a network's triplets share a Redis
 // Cluster slot, and sender and recipient are hashed to keep keys short
 // and free of whatever bytes an address may hold.
-func (g *Greylist) key(s *rules.Session, rcpt string) string {
+func (g *Greylist) key(client netip.Addr, sender, rcpt string) string {
 	h := sha256.New()
 	if g.sender {
 		h.Write([]byte("s:"))
-		h.Write([]byte(normalize(s.Txn.Sender)))
+		h.Write([]byte(normalize(sender)))
 		h.Write([]byte{0})
 	}
 	if g.rcpt {
@@ -218,10 +349,24 @@ func (g *Greylist) key(s *rules.Session, rcpt string) string {
 	}
 	var sum [sha256.Size]byte
 	triplet := hex.EncodeToString(h.Sum(sum[:0])[:16])
-	if n, ok := network(s.Client, g.v4bits, g.v6bits); ok && g.remoteIP {
+	if n, ok := network(client, g.v4bits, g.v6bits); ok && g.remoteIP {
 		return g.keys.Under(n, "triplet", triplet)
 	}
 	return g.keys.Any("triplet", triplet)
+}
+
+// awlKey is the auto-whitelist tally of s's client network:
+// "policyd:{<network>}:<instance>:confirmed". ok is false when the
+// tally is off or the client has no network.
+func (g *Greylist) awlKey(s *rules.Session) (string, bool) {
+	if g.awl == 0 || !g.remoteIP {
+		return "", false
+	}
+	n, ok := network(s.Client, g.v4bits, g.v6bits)
+	if !ok {
+		return "", false
+	}
+	return g.keys.Under(n, "confirmed"), true
 }
 
 // network is the client's network as a prefix: "192.0.2.0/24",
@@ -244,5 +389,68 @@ func normalize(addr string) string {
 	return strings.ToLower(a)
 }
 
+// DescribeRecord says what a triplet entry or a network's tally means
+// (rules.RecordDescriber): the triplet's state and its times as
+// durations, and, when the admin named a sender and recipient, which
+// entry is theirs, since the key holds only their hash.
+func (g *Greylist) DescribeRecord(r store.Record, q rules.RecordQuery, now time.Time) string {
+	pk, ok := store.ParseKey(r.Key)
+	if !ok || len(pk.Segs) == 0 {
+		return ""
+	}
+	switch pk.Segs[0].Word {
+	case "confirmed":
+		n, _ := strconv.ParseInt(string(r.Value), 10, 64)
+		if g.awl > 0 && n >= g.awl {
+			return fmt.Sprintf("auto-whitelisted: %d confirmed triplets (auto_whitelist %d); new triplets from this network pass", n, g.awl)
+		}
+		return fmt.Sprintf("%d confirmed triplets; auto-whitelisted at %d", n, g.awl)
+	case "triplet":
+	default:
+		return ""
+	}
+	var who string
+	if q.Client.IsValid() && (q.Sender != "" || q.Recipient != "") && r.Key == g.key(q.Client, q.Sender, q.Recipient) {
+		var parts []string
+		if g.sender {
+			parts = append(parts, "sender <"+normalize(q.Sender)+">")
+		}
+		if g.rcpt {
+			parts = append(parts, "recipient <"+normalize(q.Recipient)+">")
+		}
+		who = "the triplet of " + strings.Join(parts, ", ") + ": "
+	}
+	state, since, ok := parse(r.Value)
+	if !ok {
+		return who + "unreadable entry: it starts over at the next attempt"
+	}
+	age := now.Sub(since)
+	if state == 'w' {
+		return who + fmt.Sprintf("white: passes; confirmed or last refreshed %s ago, forgotten in %s without a pass", ago(age), ago(g.white-age))
+	}
+	if age < g.black {
+		return who + fmt.Sprintf("grey: first seen %s ago; a retry passes in %s (and until %s from now)", ago(age), ago(g.black-age), ago(g.grey-age))
+	}
+	return who + fmt.Sprintf("grey: first seen %s ago; the next retry passes (within %s)", ago(age), ago(g.grey-age))
+}
+
+// ago rounds a duration for an admin: seconds under an hour, minutes
+// under two days, hours beyond.
+func ago(d time.Duration) string {
+	switch {
+	case d < 0:
+		d = 0
+	case d >= 48*time.Hour:
+		return fmt.Sprintf("%dd%dh", d/(24*time.Hour), d%(24*time.Hour)/time.Hour)
+	case d >= time.Hour:
+		return d.Round(time.Minute).String()
+	}
+	return d.Round(time.Second).String()
+}
+
 // ClientKeys declares where the rule keeps its records (rules.ClientKeyer).
 func (g *Greylist) ClientKeys() store.Keys { return g.keys }
+
+// Answers are the refusals the rule gives (rules.Answerer): it only
+// defers, so a code override of the other class is reported at load.
+func (g *Greylist) Answers() []rules.Code { return []rules.Code{rules.DenySoft} }

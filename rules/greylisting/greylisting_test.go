@@ -26,6 +26,7 @@ type try struct {
 	from  string // default sender
 	rcpt  string // default rcpt
 	auth  string
+	name  string // the client's verified name
 	want  rules.Code
 }
 
@@ -148,6 +149,63 @@ func TestGreylisting(t *testing.T) {
 			tries:   []try{pass(0)},
 		},
 		{
+			name:    "postmaster@ and abuse@ of any domain are never greylisted; other recipients are",
+			plugins: short,
+			tries: []try{
+				{rcpt: "postmaster@example.test", want: rules.Declined}, {rcpt: "<Abuse@Other.example>", want: rules.Declined},
+				{rcpt: "postmaster", want: rules.Declined}, {rcpt: "postmaster.x@example.test", want: rules.DenySoft},
+			},
+		},
+		{
+			name:    "whitelist_recipient adds local@, @domain and exact addresses",
+			plugins: short + " whitelist_recipient hostmaster@,@open.example whitelist_recipient Info@Shop.example",
+			tries: []try{
+				{rcpt: "hostmaster@x.example", want: rules.Declined}, {rcpt: "anyone@open.example", want: rules.Declined},
+				{rcpt: "info@shop.example", want: rules.Declined}, {rcpt: "sales@shop.example", want: rules.DenySoft},
+				{rcpt: "postmaster@x.example", want: rules.Declined},
+			},
+		},
+		{
+			name:    "whitelist_recipient none drops postmaster@ and abuse@",
+			plugins: short + " whitelist_recipient none",
+			tries:   []try{{rcpt: "postmaster@example.test", want: rules.DenySoft}},
+		},
+		{
+			name:    "whitelist_client_name matches the verified name by domain suffix",
+			plugins: short + " whitelist_client_name google.com,.outlook.com",
+			tries: []try{
+				{name: "mail-sor-f41.google.com", want: rules.Declined}, {name: "GOOGLE.COM.", want: rules.Declined},
+				{name: "eur.outlook.com", want: rules.Declined},
+				{name: "notgoogle.com", want: rules.DenySoft}, {name: "google.com.evil.example", rcpt: "x@example.test", want: rules.DenySoft},
+				{name: "unknown", rcpt: "y@example.test", want: rules.DenySoft},
+			},
+		},
+		{
+			name:    "auto_whitelist: after N confirmed triplets the network's new triplets pass",
+			plugins: short + " auto_whitelist 2",
+			tries: []try{
+				{rcpt: "a@example.test", want: rules.DenySoft}, {rcpt: "b@example.test", want: rules.DenySoft},
+				{rcpt: "c@example.test", want: rules.DenySoft},
+				{after: 60 * time.Second, rcpt: "a@example.test", want: rules.Declined}, // 1 confirmed
+				{rcpt: "d@example.test", want: rules.DenySoft},
+				{rcpt: "b@example.test", want: rules.Declined}, // 2 confirmed
+				{rcpt: "e@example.test", want: rules.Declined}, // new, passes at once
+				{ip: "192.0.2.99", rcpt: "f@example.test", want: rules.Declined},
+				{ip: "192.0.3.1", rcpt: "f@example.test", want: rules.DenySoft}, // another /24
+				// the tally lives white_timeout after its last confirmation
+				{after: 1000 * time.Second, rcpt: "g@example.test", want: rules.DenySoft},
+			},
+		},
+		{
+			name:    "auto_whitelist 0 turns it off",
+			plugins: short + " auto_whitelist 0",
+			tries: []try{
+				{rcpt: "a@example.test", want: rules.DenySoft}, {rcpt: "b@example.test", want: rules.DenySoft},
+				{after: 60 * time.Second, rcpt: "a@example.test", want: rules.Declined},
+				{rcpt: "b@example.test", want: rules.Declined}, {rcpt: "c@example.test", want: rules.DenySoft},
+			},
+		},
+		{
 			name:    "two instances keep their own entries",
 			plugins: "greylisting:0 black_timeout 60\ngreylisting:1 black_timeout 120",
 			// The second instance first sees the triplet when the first
@@ -164,6 +222,7 @@ func TestGreylisting(t *testing.T) {
 				ip, from, to := or(tr.ip, client), or(tr.from, sender), or(tr.rcpt, rcpt)
 				s := h.Session(ip)
 				s.AuthUser = tr.auth
+				s.ClientName = tr.name
 				s.Connect(ctx)
 				s.Mail(ctx, rules.MailFrom{Sender: from})
 				d := s.Rcpt(ctx, to)
@@ -241,7 +300,9 @@ func TestStoreCallsPerRecipient(t *testing.T) {
 		calls int64
 		what  string
 	}{
-		{0, 1, "new"}, {30 * time.Second, 1, "still grey"}, {30 * time.Second, 2, "confirmed"},
+		// A new triplet also reads its network's auto-whitelist tally; a
+		// confirmation adds to it.
+		{0, 2, "new"}, {30 * time.Second, 1, "still grey"}, {30 * time.Second, 3, "confirmed"},
 		{10 * time.Second, 1, "white"}, {89 * time.Second, 1, "white"}, {time.Second, 2, "white, refreshed"},
 		{time.Second, 1, "white"},
 	}
@@ -265,6 +326,9 @@ func TestConfigErrors(t *testing.T) {
 		{"greylisting mode reject", `config/plugins:1: greylisting: mode: "reject" is not denysoft, testonly or off`},
 		{"greylisting ipv4_prefix 33", "config/plugins:1: greylisting: ipv4_prefix: 33 is out of range [8, 32]"},
 		{"greylisting deny_late 1", `config/plugins:1: greylisting: unknown key "deny_late"`},
+		{"greylisting whitelist_recipient postmaster", `config/plugins:1: greylisting: whitelist_recipient: "postmaster" is not local@, @domain or local@domain`},
+		{"greylisting whitelist_client_name *.google.com", `config/plugins:1: greylisting: whitelist_client_name: "*.google.com" is not a domain name (a suffix such as google.com)`},
+		{"greylisting auto_whitelist -1", "config/plugins:1: greylisting: auto_whitelist: -1 is out of range [0, 1000000]"},
 	}
 	for _, tc := range tests {
 		_, _, err := rules.Load(fstest.MapFS{"plugins": {Data: []byte(tc.plugins)}}, "config", rules.Options{})

@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net/netip"
+	"slices"
 	"strconv"
 	"strings"
 	"sync/atomic"
@@ -81,13 +82,29 @@ func setup(b *rules.Binder, env rules.Env) (any, error) {
 		h.nets = append(h.nets, n)
 	}
 	h.text = fmt.Sprintf("Too many concurrent connections from your address (more than %d), please try again later", h.max)
-	if h.max > 0 {
-		// The engine cannot tell a rule which front-ends are enabled, so
-		// this is said every time the rule is built.
-		h.log.Warn("hosts_allow counts concurrent sessions and needs the milter front-end: the policy protocol never reports a disconnect, so behind it a session keeps its slot until the session idles out or its lease runs out",
-			"max_conn_ip", h.max, "lease", h.lease)
-	}
 	return h, nil
+}
+
+// NeedsMilter says why the concurrency limit needs the milter front-end
+// (rules.MilterNeeder); the daemon and check say it when the milter
+// listener is off.
+func (h *HostsAllow) NeedsMilter() string {
+	if h.max == 0 {
+		return ""
+	}
+	return fmt.Sprintf("max_conn_ip %d counts concurrent sessions and needs the milter front-end: the policy protocol never reports a disconnect, so behind it a session keeps its slot until the session idles out or its lease (%v) runs out", h.max, h.lease)
+}
+
+// Answers are the refusals the rule gives (rules.Answerer): its limit's,
+// and those of its net lines.
+func (h *HostsAllow) Answers() []rules.Code {
+	out := []rules.Code{rules.DenySoftDisconnect}
+	for _, n := range h.nets {
+		if n.code.IsDeny() && !slices.Contains(out, n.code) {
+			out = append(out, n.code)
+		}
+	}
+	return out
 }
 
 // parseNet reads "CIDR CODE [text]", qpsmtpd's hosts_allow line.

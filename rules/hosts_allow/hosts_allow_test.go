@@ -180,14 +180,17 @@ func TestRefusalText(t *testing.T) {
 	}
 }
 
-func TestStartupWarnsThatMilterIsNeeded(t *testing.T) {
+// The concurrency limit says it needs the milter front-end (the daemon
+// and check say so when the milter listener is off); without a limit it
+// needs nothing.
+func TestNeedsMilter(t *testing.T) {
 	h := rulestest.New(t, "hosts_allow", nil)
-	if !strings.Contains(h.Logs.String(), "level=WARN") || !strings.Contains(h.Logs.String(), "needs the milter front-end") {
-		t.Fatalf("no start-up warning in logs:\n%s", h.Logs)
+	if why := h.Chain.NeedsMilter()["hosts_allow"]; !strings.Contains(why, "needs the milter front-end") {
+		t.Fatalf("NeedsMilter = %q", why)
 	}
 	h = rulestest.New(t, "hosts_allow max_conn_ip 0", nil)
-	if strings.Contains(h.Logs.String(), "milter") {
-		t.Fatalf("warning without a limit:\n%s", h.Logs)
+	if n := h.Chain.NeedsMilter(); len(n) != 0 {
+		t.Fatalf("needs the milter without a limit: %v", n)
 	}
 }
 

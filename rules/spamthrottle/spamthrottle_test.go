@@ -4,7 +4,9 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"strings"
+	"sync"
 	"testing"
 	"testing/fstest"
 	"time"
@@ -318,5 +320,35 @@ func BenchmarkMessage(b *testing.B) {
 		s.Rcpt(ctx, "b@example.test")
 		s.Data(ctx)
 		s.Reset(ctx)
+	}
+}
+
+// delays records what the engine reports to rules.Metrics.Delayed.
+type delays struct {
+	mu  sync.Mutex
+	got []string
+}
+
+func (*delays) Decision(string, rules.Hook, string, rules.Code, bool) {}
+func (*delays) HookDuration(string, rules.Hook, time.Duration)        {}
+func (*delays) RuleError(string, rules.Hook, string)                  {}
+func (m *delays) Delayed(protocol string, h rules.Hook, rule string, d time.Duration) {
+	m.mu.Lock()
+	m.got = append(m.got, fmt.Sprintf("%s %s %s %v", protocol, h, rule, d))
+	m.mu.Unlock()
+}
+
+// Every delay asked is reported to the metrics
+// (policyd_spamthrottle_delay_seconds); a delay on trial (dry_run) is not,
+// since the MTA is not held for it.
+func TestDelaysCounted(t *testing.T) {
+	m := &delays{}
+	h := rulestest.NewWith(t, "spamthrottle:0 st 100 stmax 1000\nspamthrottle:1 st 50 dry_run 1", nil, rulestest.Options{Metrics: m})
+	send(t, h, "192.0.2.1", 1)
+	h.Clock.Advance(100 * ms)
+	send(t, h, "192.0.2.1", 1)
+	want := []string{"test data spamthrottle:0 100ms", "test data spamthrottle:0 200ms"}
+	if !slices.Equal(m.got, want) {
+		t.Fatalf("delays reported %q, want %q", m.got, want)
 	}
 }
