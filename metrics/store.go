@@ -127,6 +127,11 @@ func (s *instrumentedStore) Tally(ctx context.Context, key string, now time.Time
 	return s.Store.Tally(ctx, key, now, quiet, ttl)
 }
 
+func (s *instrumentedStore) Limit(ctx context.Context, key string, now time.Time, rates ...store.Rate) (ok bool, used []int64, err error) {
+	defer s.done("limit", time.Now(), &err)
+	return s.Store.Limit(ctx, key, now, rates...)
+}
+
 func (s *instrumentedStore) Acquire(ctx context.Context, key, member string, limit int64, now time.Time, lease time.Duration) (granted bool, held int64, err error) {
 	defer s.done("acquire", time.Now(), &err)
 	return s.Store.Acquire(ctx, key, member, limit, now, lease)

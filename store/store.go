@@ -51,6 +51,14 @@ type Store interface {
 	// fields TallyCount and TallyLast (unix milliseconds).
 	Tally(ctx context.Context, key string, now time.Time, quiet, ttl time.Duration) (int64, error)
 
+	// Limit takes a request's cost from one or more rate budgets kept as
+	// fields of the hash at key (GCRA, see Rate). When every budget with a
+	// cost can take it, each does; when one cannot, none does, so a
+	// refused request never counts. used holds, per rate, the budget's
+	// count with this request's cost: what it made, or would have made.
+	// The record expires when its fullest budget is whole again.
+	Limit(ctx context.Context, key string, now time.Time, rates ...Rate) (ok bool, used []int64, err error)
+
 	// Acquire takes, or renews, member's lease in the lease set at key if
 	// fewer than limit other live leases are held. A lease runs out lease
 	// after now, so a crashed holder's slot frees itself. It returns

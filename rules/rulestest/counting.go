@@ -96,6 +96,11 @@ func (c *CountingStore) Tally(ctx context.Context, key string, now time.Time, qu
 	return c.Store.Tally(ctx, key, now, quiet, ttl)
 }
 
+func (c *CountingStore) Limit(ctx context.Context, key string, now time.Time, rates ...store.Rate) (bool, []int64, error) {
+	c.count("Limit")
+	return c.Store.Limit(ctx, key, now, rates...)
+}
+
 func (c *CountingStore) Acquire(ctx context.Context, key, member string, limit int64, now time.Time, lease time.Duration) (bool, int64, error) {
 	c.count("Acquire")
 	return c.Store.Acquire(ctx, key, member, limit, now, lease)

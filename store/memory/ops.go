@@ -229,6 +229,59 @@ func (s *Store) Tally(ctx context.Context, key string, now time.Time, quiet, ttl
 	return count, err
 }
 
+// Limit implements store.Store.
+func (s *Store) Limit(ctx context.Context, key string, now time.Time, rates ...store.Rate) (bool, []int64, error) {
+	if err := store.CheckRates(rates); err != nil {
+		return false, nil, err
+	}
+	used := make([]int64, len(rates))
+	ok := true
+	err := s.locked(ctx, "limit", []string{key}, func(sh *shard, clock int64) error {
+		e, found := sh.live(key, clock)
+		switch {
+		case !found:
+			e = entry{kind: kindHash}
+		case e.kind != kindHash:
+			return store.ErrWrongType
+		}
+		nowUS := now.UnixMicro()
+		var stack [4]int64
+		next := stack[:0]
+		for i, r := range rates {
+			tat, had := fieldGet(e.val, r.Field)
+			n, u, conforms := store.RateStep(r, tat, had, nowUS)
+			used[i] = u
+			next = append(next, n)
+			if r.Cost > 0 && !conforms {
+				ok = false
+			}
+		}
+		if !ok {
+			return nil
+		}
+		for i, r := range rates {
+			if r.Cost > 0 {
+				e.val = fieldSet(e.val, r.Field, next[i])
+			}
+		}
+		// The record lives until its fullest budget is whole again.
+		var last int64
+		for _, tat := range fieldsAll(e.val) {
+			last = max(last, tat)
+		}
+		if last <= nowUS {
+			sh.remove(key)
+			return nil
+		}
+		e.expires = deadline(clock, time.Duration(last-nowUS)*time.Microsecond)
+		return sh.set(key, e)
+	})
+	if err != nil {
+		return false, nil, err
+	}
+	return ok, used, nil
+}
+
 // Acquire implements store.Store.
 func (s *Store) Acquire(ctx context.Context, key, member string, limit int64, now time.Time, lease time.Duration) (bool, int64, error) {
 	var granted bool

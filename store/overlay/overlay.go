@@ -166,6 +166,13 @@ func (s *Store) Tally(ctx context.Context, key string, now time.Time, quiet, ttl
 	return s.mem.Tally(ctx, key, now, quiet, ttl)
 }
 
+func (s *Store) Limit(ctx context.Context, key string, now time.Time, rates ...store.Rate) (bool, []int64, error) {
+	if err := s.seed(ctx, key); err != nil {
+		return false, nil, err
+	}
+	return s.mem.Limit(ctx, key, now, rates...)
+}
+
 func (s *Store) Acquire(ctx context.Context, key, member string, limit int64, now time.Time, lease time.Duration) (bool, int64, error) {
 	if err := s.seed(ctx, key); err != nil {
 		return false, 0, err

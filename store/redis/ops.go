@@ -237,6 +237,36 @@ func (s *Store) Tally(ctx context.Context, key string, now time.Time, quiet, ttl
 	return n, err
 }
 
+// Limit implements store.Store with limitScript: one round trip for
+// every budget of the key.
+func (s *Store) Limit(ctx context.Context, key string, now time.Time, rates ...store.Rate) (bool, []int64, error) {
+	if err := store.CheckRates(rates); err != nil {
+		return false, nil, err
+	}
+	var ok bool
+	var used []int64
+	err := s.call(ctx, "limit", key, func(ctx context.Context) error {
+		args := make([]any, 0, 1+4*len(rates))
+		args = append(args, now.UnixMicro())
+		for _, r := range rates {
+			// The interval as Go formats a float64 exactly ('g', -1), so
+			// Lua's tonumber reads back the very double RateStep uses.
+			interval := float64(r.Period.Microseconds()) / float64(r.Limit)
+			args = append(args, r.Field, strconv.FormatFloat(interval, 'g', -1, 64), r.Cost, r.Limit)
+		}
+		v, err := limitScript.Run(ctx, s.c, []string{key}, args...).Int64Slice()
+		if err != nil {
+			return err
+		}
+		if len(v) != 1+len(rates) {
+			return fmt.Errorf("limit script returned %v", v)
+		}
+		ok, used = v[0] == 1, v[1:]
+		return nil
+	})
+	return ok, used, err
+}
+
 // Acquire implements store.Store with acquireScript.
 func (s *Store) Acquire(ctx context.Context, key, member string, limit int64, now time.Time, lease time.Duration) (bool, int64, error) {
 	var granted bool

@@ -139,3 +139,59 @@ var inspectScript = goredis.NewScript(inspectLua)
 // on every master, so EVALSHA hits; Script.Run falls back to EVAL on
 // NOSCRIPT should a server lose them in between.
 var scriptSources = []string{incrLua, hincrLua, hgetLua, tallyLua, acquireLua, inspectLua}
+
+// limitScript is Limit: GCRA over the fields of one hash, with
+// store.RateStep's arithmetic (the same float64 operations, so both
+// backends agree to the microsecond). ARGV: now in unix microseconds,
+// then (field, interval in microseconds as text, cost, limit) per rate.
+// Returns {ok, used...}. Nothing is written unless every rate with a
+// cost conforms. TATs are about 1.8e15 microseconds: exact in a double.
+const limitLua = `
+local t = redis.call('TYPE', KEYS[1]).ok
+if t ~= 'hash' and t ~= 'none' then
+  return redis.error_reply('WRONGTYPE Operation against a key holding the wrong kind of value')
+end
+local now = tonumber(ARGV[1])
+local ok = 1
+local out = {0}
+local nexts = {}
+for i = 2, #ARGV, 4 do
+  local interval = tonumber(ARGV[i + 1])
+  local cost = tonumber(ARGV[i + 2])
+  local start = now
+  local tat = redis.call('HGET', KEYS[1], ARGV[i])
+  if tat then
+    tat = tonumber(tat)
+    if tat > start then start = tat end
+  end
+  local e = start + cost * interval
+  local count = math.ceil((e - now - 0.5) / interval)
+  if count < 0 then count = 0 end
+  out[#out + 1] = count
+  nexts[#nexts + 1] = math.floor(e + 0.5)
+  if cost > 0 and count > tonumber(ARGV[i + 3]) then ok = 0 end
+end
+out[1] = ok
+if ok == 0 then return out end
+local j = 0
+for i = 2, #ARGV, 4 do
+  j = j + 1
+  if tonumber(ARGV[i + 2]) > 0 then
+    redis.call('HSET', KEYS[1], ARGV[i], string.format('%d', nexts[j]))
+  end
+end
+local last = 0
+local all = redis.call('HGETALL', KEYS[1])
+for i = 2, #all, 2 do
+  local v = tonumber(all[i])
+  if v and v > last then last = v end
+end
+if last <= now then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('PEXPIRE', KEYS[1], math.ceil((last - now) / 1000))
+end
+return out
+`
+
+var limitScript = goredis.NewScript(limitLua)

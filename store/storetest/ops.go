@@ -29,6 +29,10 @@ var opTests = []struct {
 	{"WrongType", testWrongType},
 	{"Tally", testTally},
 	{"Tally/Expires", testTallyExpires},
+	{"Limit", testLimit},
+	{"Limit/Expires", testLimitExpires},
+	{"Limit/WorstCase", testLimitWorstCase},
+	{"Concurrent/Limit", testConcurrentLimit},
 	{"Leases", testLeases},
 	{"Leases/Expire", testLeasesExpire},
 	{"Concurrent/Leases", testConcurrentLeases},
@@ -202,6 +206,8 @@ func testWrongType(t *testing.T, r *runner) {
 	add("Tally on leases", err)
 	_, _, err = e.s.Acquire(e.ctx, hash, "m", 1, t0, time.Minute)
 	add("Acquire on a hash", err)
+	_, _, err = e.s.Limit(e.ctx, str, t0, store.Rate{Field: "messages", Limit: 1, Period: time.Hour, Cost: 1})
+	add("Limit on a string", err)
 	for _, c := range checks {
 		if !errors.Is(c.err, store.ErrWrongType) {
 			t.Errorf("%s: %v, want ErrWrongType", c.name, c.err)
@@ -239,6 +245,140 @@ func testTally(t *testing.T, r *runner) {
 	got := e.hget(k)[0]
 	if got[store.TallyCount] != 2 || got[store.TallyLast] != t0.Add(12*time.Hour).UnixMilli() {
 		t.Fatalf("tally record = %v", got)
+	}
+}
+
+// limitStep is one Limit call of a contract test: costs of the messages
+// and recipients budgets, and what the call must answer.
+type limitStep struct {
+	at         time.Duration
+	msgs, rcpt int64
+	ok         bool
+	used       [2]int64
+}
+
+func runLimit(t *testing.T, e *env, k string, steps []limitStep) {
+	t.Helper()
+	for i, st := range steps {
+		ok, used, err := e.s.Limit(e.ctx, k, t0.Add(st.at),
+			store.Rate{Field: "messages", Limit: 3, Period: time.Hour, Cost: st.msgs},
+			store.Rate{Field: "recipients", Limit: 5, Period: time.Hour, Cost: st.rcpt})
+		if err != nil || ok != st.ok || len(used) != 2 || used[0] != st.used[0] || used[1] != st.used[1] {
+			t.Fatalf("step %d: Limit at +%v cost %d,%d = %v %v %v; want %v %v", i+1, st.at, st.msgs, st.rcpt, ok, used, err, st.ok, st.used)
+		}
+	}
+}
+
+// Limit is GCRA over several budgets of one key: all take the cost or
+// none does, and each refills at its own rate.
+func testLimit(t *testing.T, r *runner) {
+	e := r.env(t)
+	k := e.key("rate")
+	runLimit(t, e, k, []limitStep{
+		{0, 1, 2, true, [2]int64{1, 2}},
+		{0, 1, 2, true, [2]int64{2, 4}},
+		{0, 1, 2, false, [2]int64{3, 6}}, // recipients would be 6 of 5: nothing taken
+		{0, 1, 1, true, [2]int64{3, 5}},
+		{0, 1, 0, false, [2]int64{4, 5}}, // messages full
+		{0, 0, 0, true, [2]int64{3, 5}},  // a read
+		// 20 minutes refill a message (3/h) and 1.67 recipients (5/h);
+		// a started unit counts whole
+		{20 * time.Minute, 1, 1, true, [2]int64{3, 5}},
+		{20 * time.Minute, 0, 1, false, [2]int64{3, 6}},
+		{24 * time.Minute, 0, 1, true, [2]int64{3, 5}},
+		// an hour after the last take, everything is whole
+		{84 * time.Minute, 3, 5, true, [2]int64{3, 5}},
+	})
+	got := e.hget(k)[0]
+	if want := t0.Add(84*time.Minute + time.Hour).UnixMicro(); got["messages"] != want || got["recipients"] != want {
+		t.Fatalf("budget record = %v; want both at %d", got, want)
+	}
+}
+
+// The record lives until its fullest budget is whole again.
+func testLimitExpires(t *testing.T, r *runner) {
+	e := r.env(t)
+	k := e.key("rate")
+	rate := store.Rate{Field: "messages", Limit: 2, Period: shortTTL, Cost: 2}
+	if ok, _, err := e.s.Limit(e.ctx, k, t0, rate); err != nil || !ok {
+		t.Fatalf("Limit = %v %v", ok, err)
+	}
+	if ok, _, err := e.s.Limit(e.ctx, k, t0, rate); err != nil || ok {
+		t.Fatalf("Limit on a full budget = %v %v; want refused", ok, err)
+	}
+	e.advance(pastTTL)
+	if got := e.hget(k); got[0] != nil {
+		t.Fatalf("the budget outlived its period: %v", got)
+	}
+}
+
+// The worst-placed window: a burst of Limit at once, then one every
+// Period/Limit; over any span of one Period at most 2·Limit−1 pass, and
+// the steady rate is Limit per Period.
+func testLimitWorstCase(t *testing.T, r *runner) {
+	e := r.env(t)
+	k := e.key("rate")
+	const n = 10
+	period := time.Hour
+	var passed []time.Duration
+	// Try every minute for three hours, ten times each minute.
+	for m := time.Duration(0); m < 3*period; m += time.Minute {
+		for range 10 {
+			ok, _, err := e.s.Limit(e.ctx, k, t0.Add(m), store.Rate{Field: "messages", Limit: n, Period: period, Cost: 1})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if ok {
+				passed = append(passed, m)
+			}
+		}
+	}
+	most := 0
+	for i, start := range passed {
+		j := i
+		for j < len(passed) && passed[j] < start+period {
+			j++
+		}
+		most = max(most, j-i)
+	}
+	if most != 2*n-1 {
+		t.Fatalf("the worst window of one period passed %d, want 2·%d−1", most, n)
+	}
+	// After the burst, one per Period/Limit (6 minutes): the tries from
+	// minute 0 to 179 pass n at once and then one at 6, 12, … 174.
+	if want := n + int((3*period-time.Minute)/(period/n)); len(passed) != want {
+		t.Fatalf("%d passed in three periods, want %d", len(passed), want)
+	}
+}
+
+// Concurrent takes from one budget never exceed it.
+func testConcurrentLimit(t *testing.T, r *runner) {
+	e := r.env(t)
+	k := e.key("rate")
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	granted := 0
+	for range 8 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for range 10 {
+				ok, _, err := e.s.Limit(e.ctx, k, t0, store.Rate{Field: "messages", Limit: 25, Period: time.Hour, Cost: 1})
+				if err != nil {
+					t.Error(err)
+					return
+				}
+				if ok {
+					mu.Lock()
+					granted++
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if granted != 25 {
+		t.Fatalf("%d granted of a budget of 25", granted)
 	}
 }
 
