@@ -62,6 +62,7 @@ type Registry struct {
 
 	delayMu sync.Mutex
 	delays  map[string]*prometheus.HistogramVec // by rule name, made at its first delay
+	events  map[string]*prometheus.CounterVec   // by series name, made at its first event
 }
 
 var _ rules.Metrics = (*Registry)(nil)
@@ -327,6 +328,47 @@ func (r *Registry) Delayed(protocol string, h rules.Hook, rule string, d time.Du
 	}
 	r.delayMu.Unlock()
 	hv.WithLabelValues(protocol, h.String(), rule).Observe(d.Seconds())
+}
+
+// eventHelp explains the rules' own events; an event not listed gets a
+// generic help.
+var eventHelp = map[string]string{
+	"ratelimit_exceeded": "Times a ratelimit instance refused because a budget was spent (dry-run refusals included; policyd_decisions_total tells them apart). No key value is a label.",
+}
+
+// RuleEvent counts one event of a rule's own in
+// policyd_<rule name>_<event>_total{rule} (rules.Metrics); the series
+// appears at its first event.
+func (r *Registry) RuleEvent(rule, event string) {
+	name, _, _ := strings.Cut(rule, ":")
+	series := name + "_" + event
+	r.delayMu.Lock()
+	cv, ok := r.events[series]
+	if !ok {
+		help := eventHelp[series]
+		if help == "" {
+			help = "Times the rule's " + event + " event happened, by rule instance."
+		}
+		cv = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: series + "_total", Help: help}, []string{"rule"})
+		if err := r.reg.Register(cv); err != nil {
+			var are prometheus.AlreadyRegisteredError
+			existing, isVec := (*prometheus.CounterVec)(nil), false
+			if errors.As(err, &are) {
+				existing, isVec = are.ExistingCollector.(*prometheus.CounterVec)
+			}
+			if !isVec {
+				r.delayMu.Unlock()
+				return
+			}
+			cv = existing
+		}
+		if r.events == nil {
+			r.events = map[string]*prometheus.CounterVec{}
+		}
+		r.events[series] = cv
+	}
+	r.delayMu.Unlock()
+	cv.WithLabelValues(rule).Inc()
 }
 
 // RuleError counts a rule that could not decide (rules.Metrics). The hook

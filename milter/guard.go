@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"strconv"
 	"time"
 
 	"github.com/policyd-mail/policyd/internal/listen"
@@ -94,6 +95,9 @@ func (c *conn) next() ([]byte, error) {
 	// gate never closes a session policyd is answering, or holding a
 	// rule's delay for, to make room at the connection cap. An abort has
 	// no reply; macros come before their command.
+	if pkt[4] == 'M' {
+		c.mailSize.Store(mailSize(pkt[5:]))
+	}
 	switch pkt[4] {
 	case 'D':
 		c.Touch()
@@ -132,6 +136,24 @@ func (c *conn) readError(err error, kind string) error {
 		return &dropError{kind, fmt.Sprintf("no packet within %s", c.srv.cfg.IdleTimeout)}
 	}
 	return &dropError{reason: fmt.Sprintf("read: %v", err)}
+}
+
+// mailSize reads the SIZE= ESMTP parameter of a MAIL packet's data (the
+// address, then NUL-terminated parameters); 0 without a valid one.
+func mailSize(data []byte) int64 {
+	_, args, _ := bytes.Cut(data, []byte{0})
+	for len(args) > 0 {
+		var arg []byte
+		arg, args, _ = bytes.Cut(args, []byte{0})
+		if len(arg) > 5 && bytes.EqualFold(arg[:5], []byte("SIZE=")) {
+			n, err := strconv.ParseInt(string(arg[5:]), 10, 64)
+			if err != nil || n < 0 {
+				return 0
+			}
+			return n
+		}
+	}
+	return 0
 }
 
 // checkPacket checks one packet's command and data.

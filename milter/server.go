@@ -199,6 +199,9 @@ type conn struct {
 	// command together, and a read per packet header and body was a
 	// quarter of the daemon's time under load.
 	br *bufio.Reader
+	// mailSize is the SIZE= parameter of the last MAIL packet (0 without
+	// one): go-milter passes MailFrom the address only.
+	mailSize atomic.Int64
 }
 
 // Read hands go-milter the next checked packet. A broken or hostile

@@ -131,7 +131,13 @@ func (m *session) MailFrom(from string, mod *gomilter.Modifier) (gomilter.Respon
 		m.s.AuthUser = u
 	}
 	qid := m.macros["i"]
-	return m.answer(m.s.Mail(context.Background(), rules.MailFrom{Sender: from, ID: qid, QueueID: qid}), stageEnvelope)
+	d := m.s.Mail(context.Background(), rules.MailFrom{Sender: from, ID: qid, QueueID: qid})
+	if m.s.Txn != nil {
+		// The client's SIZE= hint: what the rules know of the size
+		// behind milter, which never negotiates the body.
+		m.s.Txn.Size = m.conn.mailSize.Load()
+	}
+	return m.answer(d, stageEnvelope)
 }
 
 // queueID refreshes the queue id: Postfix may send it only at a later

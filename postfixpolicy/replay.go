@@ -92,6 +92,11 @@ func replayOnce(ctx context.Context, ts *tracked, req *Request, st stage) outcom
 	if !ts.inTransaction(req) && o.add(ts.mail(ctx, req)) {
 		return o
 	}
+	// The size: at RCPT the client's SIZE= hint (0 without one, which
+	// must not hide a size known before), at END-OF-MESSAGE the message's.
+	if n, err := strconv.ParseInt(req.Size, 10, 64); err == nil && n > 0 && s.Txn != nil {
+		s.Txn.Size = n
+	}
 	if st == stageRcpt || (!ts.rcptRun && req.Recipient != "") {
 		// At DATA and END-OF-MESSAGE Postfix names the recipient only
 		// when there is exactly one; it stands for the RCPT we missed.
@@ -99,9 +104,6 @@ func replayOnce(ctx context.Context, ts *tracked, req *Request, st stage) outcom
 		if o.add(s.Rcpt(ctx, req.Recipient)) || st == stageRcpt {
 			return o
 		}
-	}
-	if n, err := strconv.ParseInt(req.Size, 10, 64); err == nil && s.Txn != nil {
-		s.Txn.Size = n
 	}
 	if st == stageData {
 		o.add(s.Data(ctx))

@@ -48,6 +48,9 @@ type Metrics interface {
 	// Delayed is a delay a rule asked the front-end to hold a reply for
 	// (before the front-end caps it to what the MTA allows).
 	Delayed(protocol string, h Hook, rule string, d time.Duration)
+	// RuleEvent counts one event of a rule's own (ratelimit's
+	// "exceeded"), as policyd_<rule name>_<event>_total{rule}.
+	RuleEvent(rule, event string)
 }
 
 type noMetrics struct{}
@@ -56,6 +59,7 @@ func (noMetrics) Decision(string, Hook, string, Code, bool)   {}
 func (noMetrics) HookDuration(string, Hook, time.Duration)    {}
 func (noMetrics) RuleError(string, Hook, string)              {}
 func (noMetrics) Delayed(string, Hook, string, time.Duration) {}
+func (noMetrics) RuleEvent(string, string)                    {}
 
 // Options are what a chain is built with.
 type Options struct {
@@ -154,7 +158,7 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		e.log = opts.Logger.With("rule", pl.Name)
 		e.errLog = ratelog.New(time.Second)
 		before := len(errs)
-		rule, err := def.Setup(b, Env{Name: pl.Name, Store: opts.Store, Clock: opts.Clock, Logger: e.log})
+		rule, err := def.Setup(b, Env{Name: pl.Name, Store: opts.Store, Clock: opts.Clock, Logger: e.log, Metrics: opts.Metrics})
 		if err != nil {
 			errs = append(errs, ConfigError{Pos: pl.Pos, Msg: pl.Name + ": " + err.Error()})
 			continue

@@ -82,4 +82,6 @@ type Env struct {
 	Store  store.Store
 	Clock  Clock
 	Logger *slog.Logger // already scoped with rule=<Name>
+	// Metrics counts the rule's own events (RuleEvent); never nil.
+	Metrics Metrics
 }

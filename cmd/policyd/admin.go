@@ -134,6 +134,54 @@ func (d *daemon) adminClients(w http.ResponseWriter, r *http.Request) {
 	writeJSON(w, http.StatusOK, reply)
 }
 
+// adminKeys is GET and DELETE /api/v1/keys/{name}/{value}: what is
+// stored about a value of an attribute (ratelimit's budgets of a SASL
+// login), and forgetting it. A compound value is comma-joined, names
+// and values alike: /api/v1/keys/sasl_username,recipient_domain/alice,example.org.
+func (d *daemon) adminKeys(w http.ResponseWriter, r *http.Request) {
+	names := strings.Split(r.PathValue("name"), ",")
+	values := strings.Split(r.PathValue("value"), ",")
+	if len(names) != len(values) || r.PathValue("value") == "" {
+		writeJSON(w, http.StatusBadRequest, adminError{fmt.Sprintf("%d names for %d values: give NAME=VALUE, comma-joined for a compound key (sasl_username,recipient_domain=alice,example.org)", len(names), len(values))})
+		return
+	}
+	ctx, cancel := context.WithTimeout(r.Context(), adminTimeout)
+	defer cancel()
+	var found []store.ValueRecord
+	var err error
+	if r.Method == http.MethodDelete {
+		found, err = store.ForgetValue(ctx, d.rawStore, names, values)
+	} else {
+		found, err = store.FindValue(ctx, d.rawStore, names, values)
+	}
+	what := r.PathValue("name") + "=" + strings.ToLower(r.PathValue("value"))
+	if err != nil {
+		code := http.StatusInternalServerError
+		switch {
+		case errors.Is(err, store.ErrUnavailable) || errors.Is(err, context.DeadlineExceeded):
+			code = http.StatusServiceUnavailable
+		case strings.Contains(err.Error(), "not an attribute name"):
+			code = http.StatusBadRequest
+		}
+		d.log.Warn("admin request failed", "key", what, "method", r.Method, "err", err)
+		writeJSON(w, code, adminError{err.Error()})
+		return
+	}
+	c, now := d.chain.Load(), time.Now()
+	recs := make([]adminRecord, 0, len(found))
+	for _, f := range found {
+		a := toAdmin([]store.Record{{Entry: f.Entry, Rule: f.Rule}}, c, rules.RecordQuery{}, now)[0]
+		a.About = f.About
+		recs = append(recs, a)
+	}
+	reply := adminReply{Client: what, Records: recs}
+	if r.Method == http.MethodDelete {
+		reply.Deleted, reply.Records = recs, []adminRecord{}
+		d.log.Info("admin forget", "key", what, "deleted", len(recs), "remote", r.RemoteAddr)
+	}
+	writeJSON(w, http.StatusOK, reply)
+}
+
 // A forget of a network wider than these needs force: 0.0.0.0/0 deleted
 // every greylisting triplet, statistic and offender record at once.
 const (

@@ -35,6 +35,7 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 		sender = fset.String("sender", "", "with --recipient: point out the greylist triplet of this envelope sender (\"\" or <> for the null sender)")
 		rcpt = fset.String("recipient", "", "with --sender: point out the greylist triplet of this recipient")
 	}
+	key := fset.String("key", "", "NAME=VALUE instead of a client: what is stored about a value (ratelimit's budgets of sasl_username=alice@example.org; a compound key comma-joined: sasl_username,recipient_domain=alice,example.org)")
 	if cmd == "forget" {
 		force = fset.Bool("force", false, fmt.Sprintf("forget a network wider than /%d (IPv6 /%d), everything stored about every client in it", forgetMinBits4, forgetMinBits6))
 	}
@@ -43,7 +44,7 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 		if cmd == "forget" {
 			what = "removes what the daemon stores about the clients in IP|CIDR. Records about a\nwider network (client_stats' /24 and /8, greylisting's network) are kept\nand listed: forget that network to remove them."
 		}
-		fmt.Fprintf(fset.Output(), "usage: policyd %s [flags] IP|CIDR\n\n%s\n\nflags:\n", cmd, what)
+		fmt.Fprintf(fset.Output(), "usage: policyd %s [flags] IP|CIDR\n       policyd %s [flags] --key NAME=VALUE\n\n%s\n\nflags:\n", cmd, cmd, what)
 		fset.PrintDefaults()
 	}
 	// The client may come before or after the flags.
@@ -64,9 +65,25 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 		}
 		client, args = fset.Arg(0), fset.Args()[1:]
 	}
-	if client == "" {
+	var apiPath string
+	switch {
+	case *key != "" && client != "":
+		fmt.Fprintf(stderr, "policyd %s: a client or --key, not both\n", cmd)
+		return 2
+	case *key != "":
+		name, value, ok := strings.Cut(*key, "=")
+		if !ok || name == "" || value == "" {
+			fmt.Fprintf(stderr, "policyd %s: --key %q is not NAME=VALUE (like sasl_username=alice@example.org)\n", cmd, *key)
+			return 2
+		}
+		apiPath = "/api/v1/keys/" + name + "/" + value
+	case client == "":
 		fset.Usage()
 		return 2
+	default:
+		// The client goes into the path as is: a CIDR's slash is part of
+		// the route ({client...}).
+		apiPath = "/api/v1/clients/" + client
 	}
 	if *tokenFile == "" {
 		*tokenFile = os.Getenv("POLICYD_ADMIN_TOKEN_FILE")
@@ -93,7 +110,7 @@ func adminCommand(cmd string, args []string, stdout, stderr io.Writer) int {
 		query.Set("sender", *sender)
 		query.Set("recipient", *rcpt)
 	}
-	body, code, err := adminCall(ctx, method, *httpAddr, client, token, query.Encode())
+	body, code, err := adminRequest(ctx, method, *httpAddr, apiPath, token, query.Encode())
 	if err != nil {
 		fmt.Fprintf(stderr, "policyd %s: %v\n", cmd, err)
 		return 1
@@ -133,12 +150,6 @@ func defaultAdminAddr() string {
 		return v
 	}
 	return "127.0.0.1:10042"
-}
-
-func adminCall(ctx context.Context, method, addr, client, token, query string) ([]byte, int, error) {
-	// The client goes into the path as is: a CIDR's slash is part of the
-	// route ({client...}).
-	return adminRequest(ctx, method, addr, "/api/v1/clients/"+client, token, query)
 }
 
 // adminRequest makes one admin API request to the daemon at addr.

@@ -420,6 +420,9 @@ func (d *daemon) httpHandler() http.Handler {
 	mux.Handle("GET /api/v1/chain", adminAuth(d.adminToken, http.HandlerFunc(d.adminChain)))
 	mux.Handle("GET /api/v1/clients/{client...}", admin)
 	mux.Handle("DELETE /api/v1/clients/{client...}", admin)
+	keys := adminAuth(d.adminToken, http.HandlerFunc(d.adminKeys))
+	mux.Handle("GET /api/v1/keys/{name}/{value...}", keys)
+	mux.Handle("DELETE /api/v1/keys/{name}/{value...}", keys)
 	// Profiles for `go tool pprof http://ADDR/debug/pprof/profile`,
 	// guarded like the admin API.
 	mux.Handle("GET /debug/pprof/", adminAuth(d.adminToken, http.HandlerFunc(pprof.Index)))

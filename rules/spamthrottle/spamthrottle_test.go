@@ -332,6 +332,7 @@ type delays struct {
 func (*delays) Decision(string, rules.Hook, string, rules.Code, bool) {}
 func (*delays) HookDuration(string, rules.Hook, time.Duration)        {}
 func (*delays) RuleError(string, rules.Hook, string)                  {}
+func (*delays) RuleEvent(string, string)                              {}
 func (m *delays) Delayed(protocol string, h rules.Hook, rule string, d time.Duration) {
 	m.mu.Lock()
 	m.got = append(m.got, fmt.Sprintf("%s %s %s %v", protocol, h, rule, d))

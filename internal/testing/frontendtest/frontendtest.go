@@ -33,6 +33,8 @@ type Session struct {
 	From    string        // default "sender@example.org"
 	Rcpts   []string      // default one recipient
 	NoData  bool          // stop after the recipients
+	Auth    string        // SASL login: policy sasl_username, milter {auth_authen}
+	Size    int64         // the client's SIZE= at MAIL; policy also sends it as the size at END-OF-MESSAGE
 	Advance time.Duration // move the fake clock before the session
 }
 
@@ -129,7 +131,7 @@ func PolicyWith(t *testing.T, plugins string, files map[string]string, sessions 
 		s.defaults()
 		h.Clock.Advance(s.Advance)
 		base := []string{"client_address=" + s.Client, "client_port=" + strconv.Itoa(10000+i), "helo_name=" + s.Helo,
-			"sender=" + s.From, "instance=" + fmt.Sprintf("1f.%x.0.0", i)}
+			"sender=" + s.From, "instance=" + fmt.Sprintf("1f.%x.0.0", i), "sasl_username=" + s.Auth, "size=" + strconv.FormatInt(s.Size, 10)}
 		var o Outcome
 		accepted := 0
 		for _, r := range s.Rcpts {
@@ -250,8 +252,16 @@ func milterSession(t *testing.T, addr string, s Session, i int) Outcome {
 	if a := reply(ms.Helo(s.Helo)); a != "ok" {
 		return refuseAll(a) // Postfix gives a HELO-stage reply at MAIL FROM
 	}
-	ms.Macros(gomilter.CodeMail, "i", fmt.Sprintf("Q%d", i))
-	if a := reply(ms.Mail("<"+s.From+">", nil)); a != "ok" {
+	macros := []string{"i", fmt.Sprintf("Q%d", i)}
+	if s.Auth != "" {
+		macros = append(macros, "{auth_authen}", s.Auth)
+	}
+	ms.Macros(gomilter.CodeMail, macros...)
+	var esmtp []string
+	if s.Size > 0 {
+		esmtp = append(esmtp, "SIZE="+strconv.FormatInt(s.Size, 10))
+	}
+	if a := reply(ms.Mail("<"+s.From+">", esmtp)); a != "ok" {
 		return refuseAll(a)
 	}
 	accepted := 0
