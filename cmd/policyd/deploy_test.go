@@ -67,6 +67,7 @@ func exposed(t testing.TB) (names, labels map[string]bool) {
 	m.DryRun(false)
 	m.DoubleWiring()
 	m.Delayed("policy", rules.HookData, "spamthrottle", time.Second) // a rule's series appear at its first use
+	m.RuleEvent("ratelimit", "exceeded")
 	// Persisted, as the daemon's is: the policyd_state_* series need a state directory.
 	mem, err := memory.Open(memory.Options{Dir: t.TempDir()})
 	if err != nil {
