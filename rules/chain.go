@@ -2,6 +2,7 @@ package rules
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io/fs"
 	"log/slog"
@@ -69,6 +70,9 @@ type Options struct {
 	OnStoreError StoreErrorPolicy
 	DryRun       bool // the daemon's --dry-run: every decision only pretends
 	Metrics      Metrics
+	// PluginDirs are directories searched for NAME.lua before the config
+	// directory's plugins.d (--plugin-dir).
+	PluginDirs []string
 	// Overlap, when set, watches for one session coming through both
 	// front-ends; it outlives reloads.
 	Overlap *Overlap
@@ -126,10 +130,10 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		opts.Metrics = noMetrics{}
 	}
 	var errs, warns ConfigErrors
-	lines := parsePlugins(fsys, dir, &errs)
+	lines := parsePlugins(fsys, dir, opts.PluginDirs, &errs)
 	c := &Chain{opts: opts}
 	for _, pl := range lines {
-		def, _ := lookup(pl.Rule)
+		def := pl.def
 		settings := settingsFor(fsys, dir, pl, def, &errs)
 		b := newBinder(pl.Name, settings, pl.Pos, &errs, &warns)
 		e := &entry{name: pl.Name, pos: pl.Pos, neverRefuses: def.NeverRefuses}
@@ -160,7 +164,14 @@ func Load(fsys fs.FS, dir string, opts Options) (*Chain, ConfigErrors, error) {
 		before := len(errs)
 		rule, err := def.Setup(b, Env{Name: pl.Name, Store: opts.Store, Clock: opts.Clock, Logger: e.log, Metrics: opts.Metrics})
 		if err != nil {
-			errs = append(errs, ConfigError{Pos: pl.Pos, Msg: pl.Name + ": " + err.Error()})
+			var ce ConfigError
+			if errors.As(err, &ce) {
+				// A problem in a file of its own (a script's syntax):
+				// at that file's line.
+				errs = append(errs, ce)
+			} else {
+				errs = append(errs, ConfigError{Pos: pl.Pos, Msg: pl.Name + ": " + err.Error()})
+			}
 			continue
 		}
 		b.finish()
@@ -253,7 +264,7 @@ func orderProblems(lines []PluginLine) ConfigErrors {
 	seen := map[string]bool{}
 	var firstLate string
 	for _, pl := range lines {
-		def, _ := lookup(pl.Rule)
+		def := pl.def
 		for _, need := range def.Needs {
 			if !seen[need] {
 				warns = append(warns, ConfigError{Pos: pl.Pos, Msg: fmt.Sprintf("%s: needs %s before it in plugins (it reads what %s leaves), or it never acts", pl.Name, need, need)})
@@ -338,6 +349,17 @@ func (c *Chain) add(e *entry) {
 	reg := func(h Hook, f hookFunc) {
 		c.hooks[h] = append(c.hooks[h], e)
 		c.fns[h] = append(c.fns[h], f)
+	}
+	if x, ok := r.(Scripted); ok {
+		for _, h := range x.Hooks() {
+			switch h {
+			case HookDeny, HookOK:
+				c.hooks[h] = append(c.hooks[h], e)
+			default:
+				reg(h, func(ctx context.Context, s *Session) (Result, error) { return x.Call(ctx, h, s) })
+			}
+		}
+		return
 	}
 	if x, ok := r.(ConnectHook); ok {
 		reg(HookConnect, x.Connect)

@@ -30,6 +30,9 @@ type PluginLine struct {
 	Rule string // rule name without the instance suffix
 	Args []string
 	Pos  Pos
+	// Script is the script's path for a scripted rule, else "".
+	Script string
+	def    Definition
 }
 
 // maxConfigLine bounds a config line so a garbage file cannot eat memory.
@@ -82,7 +85,7 @@ func stripComment(line string) string {
 }
 
 // parsePlugins reads the plugins file.
-func parsePlugins(fsys fs.FS, dir string, errs *ConfigErrors) []PluginLine {
+func parsePlugins(fsys fs.FS, dir string, pluginDirs []string, errs *ConfigErrors) []PluginLine {
 	display := path.Join(dir, "plugins")
 	var out []PluginLine
 	seen := map[string]Pos{}
@@ -100,7 +103,12 @@ func parsePlugins(fsys fs.FS, dir string, errs *ConfigErrors) []PluginLine {
 				return
 			}
 		}
-		if _, ok := lookup(rule); !ok {
+		def, script, err := resolve(fsys, dir, pluginDirs, rule)
+		if err != nil {
+			*errs = append(*errs, ConfigError{Pos: pos, Msg: err.Error()})
+			return
+		}
+		if def.Setup == nil {
 			msg := fmt.Sprintf("unknown rule %q", rule)
 			if near := nearest(rule, Registered()); near != "" {
 				msg += fmt.Sprintf(" (did you mean %q?)", near)
@@ -113,7 +121,7 @@ func parsePlugins(fsys fs.FS, dir string, errs *ConfigErrors) []PluginLine {
 			return
 		}
 		seen[name] = pos
-		out = append(out, PluginLine{Name: name, Rule: rule, Args: f[1:], Pos: pos})
+		out = append(out, PluginLine{Name: name, Rule: rule, Args: f[1:], Pos: pos, Script: script, def: def})
 	})
 	if !found {
 		*errs = append(*errs, ConfigError{Pos: Pos{File: display}, Msg: "missing: the plugins file lists the rules to run, one per line"})

@@ -179,7 +179,7 @@ func (c *Chain) call(ctx context.Context, e *entry, f hookFunc, h Hook, s *Sessi
 	}()
 	res, err = f(ctx, s)
 	if err != nil {
-		c.opts.Metrics.RuleError(e.name, h, "store")
+		c.opts.Metrics.RuleError(e.name, h, errorKind(err))
 		if n, ok := e.errLog.Allow(c.opts.Clock.Now()); ok {
 			e.log.Warn("rule could not decide", "hook", h.String(), "client", s.Client.String(), "err", err, "suppressed", n)
 		}
@@ -196,6 +196,9 @@ func (c *Chain) observe(ctx context.Context, s *Session, d Decision) {
 	}
 	for _, e := range c.hooks[h] {
 		_, _ = c.call(ctx, e, func(ctx context.Context, s *Session) (Result, error) {
+			if x, ok := e.rule.(Scripted); ok {
+				return Result{}, x.Observe(ctx, h, s, d)
+			}
 			if h == HookDeny {
 				return Result{}, e.rule.(DenyObserver).OnDeny(ctx, s, d)
 			}

@@ -11,6 +11,7 @@ import (
 	_ "github.com/policyd-mail/policyd/rules/denysoft_client_stats"
 	_ "github.com/policyd-mail/policyd/rules/greylisting"
 	_ "github.com/policyd-mail/policyd/rules/hosts_allow"
+	_ "github.com/policyd-mail/policyd/rules/luaplugin"
 	_ "github.com/policyd-mail/policyd/rules/ratelimit"
 	_ "github.com/policyd-mail/policyd/rules/spamthrottle"
 	_ "github.com/policyd-mail/policyd/rules/whitelist"
