@@ -108,6 +108,7 @@ type options struct {
 	config       string
 	policyListen string
 	milterListen string
+	pluginDir    string
 	httpListen   string
 	storeURL     string
 	stateDir     string
@@ -138,6 +139,7 @@ type options struct {
 
 func (o *options) register(fs *flag.FlagSet) {
 	fs.StringVar(&o.config, "config", "", "config directory (default ./config if it exists, else the built-in chain)")
+	fs.StringVar(&o.pluginDir, "plugin-dir", "", "more directories searched for Lua plugins (NAME.lua) before the config directory's plugins.d, comma-separated")
 	fs.StringVar(&o.policyListen, "policy-listen", "127.0.0.1:10040", "policy delegation listener, host:port or unix:/path; empty disables")
 	fs.StringVar(&o.milterListen, "milter-listen", "127.0.0.1:10041", "milter listener, host:port or unix:/path; empty disables")
 	fs.StringVar(&o.httpListen, "http-listen", "127.0.0.1:10042", "HTTP listener for /metrics, /healthz and /readyz; empty disables")
@@ -307,6 +309,7 @@ func check(args []string, stdout, stderr io.Writer) int {
 	// serve's listener flags (and so their environment twins): what a
 	// rule cannot do with the listeners the daemon will run is said too.
 	var o options
+	fset.StringVar(&o.pluginDir, "plugin-dir", "", "the daemon's --plugin-dir: more directories of Lua plugins, comma-separated")
 	fset.StringVar(&o.policyListen, "policy-listen", "127.0.0.1:10040", "the daemon's policy listener (empty: off), to check the chain against")
 	fset.StringVar(&o.milterListen, "milter-listen", "127.0.0.1:10041", "the daemon's milter listener (empty: off), to check the chain against")
 	fset.DurationVar(&o.policyDelay, "policy-max-delay", 8*time.Second, "the daemon's --policy-max-delay, to check the chain's delays against")
@@ -322,7 +325,7 @@ func check(args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "policyd check:", err)
 		return 1
 	}
-	c, warns, err := rules.Load(fsys, name, rules.Options{})
+	c, warns, err := rules.Load(fsys, name, rules.Options{PluginDirs: o.pluginDirs()})
 	for _, w := range warns {
 		fmt.Fprintln(stdout, w.Error())
 	}
@@ -342,4 +345,15 @@ func check(args []string, stdout, stderr io.Writer) int {
 		return 1
 	}
 	return 0
+}
+
+// pluginDirs is --plugin-dir as a list.
+func (o *options) pluginDirs() []string {
+	var out []string
+	for _, d := range strings.Split(o.pluginDir, ",") {
+		if d = strings.TrimSpace(d); d != "" {
+			out = append(out, d)
+		}
+	}
+	return out
 }

@@ -178,7 +178,7 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 	if err != nil {
 		return nil, err
 	}
-	if _, _, err := rules.Load(fsys, name, rules.Options{}); err != nil {
+	if _, _, err := rules.Load(fsys, name, rules.Options{PluginDirs: o.pluginDirs()}); err != nil {
 		return nil, configFailure(log, name, err)
 	}
 	// The listeners are bound before the store is loaded, which takes
@@ -221,7 +221,7 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 				"client", client.String(), "port", port)
 		},
 	}
-	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m, Overlap: overlap}
+	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m, Overlap: overlap, PluginDirs: o.pluginDirs()}
 	c, err := d.load()
 	if err != nil {
 		closeAll()

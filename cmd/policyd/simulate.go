@@ -46,6 +46,7 @@ func simulate(args []string, stdout, stderr io.Writer) int {
 		rcpts = append(rcpts, v)
 		return nil
 	})
+	fset.StringVar(&o.pluginDir, "plugin-dir", "", "more directories of Lua plugins, comma-separated, as serve's")
 	fset.StringVar(&o.logFormat, "log-format", "text", "format of what goes to stderr (warnings, errors): text or json, as serve's")
 	fset.IntVar(&nth, "session", 1, "simulate the client's Nth session: sessions 1..N-1 run first on the same store, unprinted")
 	fset.Usage = func() {
@@ -123,7 +124,7 @@ flags:
 	if err != nil {
 		return fail(1, "the store does not answer, so every rule would fail open", "err", err)
 	}
-	c, warns, err := rules.Load(fsys, name, rules.Options{Store: st, Logger: log, Clock: clock})
+	c, warns, err := rules.Load(fsys, name, rules.Options{Store: st, Logger: log, Clock: clock, PluginDirs: o.pluginDirs()})
 	for _, w := range warns {
 		log.Warn("config", "problem", w.Error())
 	}
