@@ -1,9 +1,9 @@
 package luaplugin_test
 
 import (
+	"context"
 	"fmt"
 	"net/netip"
-	"context"
 	"strings"
 	"sync"
 	"testing"
