@@ -1,0 +1,98 @@
+package main
+
+import (
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/policyd-mail/policyd/internal/testing/testmta"
+)
+
+// Two scripts of an admin's, through a real Postfix behind the policy
+// protocol and behind milter: one refuses a HELO name at helo, one counts
+// recipients per client in the store at rcpt and defers the third. The
+// SMTP client sees the scripts' codes and texts.
+func TestPostfixLuaPlugins(t *testing.T) {
+	cfg := t.TempDir()
+	os.MkdirAll(filepath.Join(cfg, "plugins.d"), 0o755)
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("no_localhost\nrcpt_counter limit 2\n"), 0o644)
+	os.WriteFile(filepath.Join(cfg, "plugins.d", "no_localhost.lua"), []byte(`
+function hook_helo(s)
+  if s.helo:lower() == "localhost" then return DENY, "You are not localhost" end
+end`), 0o644)
+	os.WriteFile(filepath.Join(cfg, "plugins.d", "rcpt_counter.lua"), []byte(`
+local limit
+function register(args) limit = tonumber(args.limit) or error("limit: a number, please") end
+function hook_rcpt(s)
+  local n = store.incr(s.remote_ip .. ":rcpts", 3600)
+  if n > limit then return DENYSOFT, "Recipient " .. n .. " of " .. limit .. " for " .. s.remote_ip end
+end`), 0o644)
+	for _, front := range []string{"policy", "milter"} {
+		t.Run(front, func(t *testing.T) {
+			var pf *testmta.Postfix
+			if front == "policy" {
+				d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir())
+				pf = testmta.Start(t, deployPolicyOptions(t, d.policy))
+			} else {
+				d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir(), "--milter-listen", "127.0.0.1:0", "--policy-listen", "")
+				pf = testmta.Start(t, testmta.Options{ExtraMainCF: deployMainCF(t, "main.cf-milter", d.milter)})
+			}
+			s, err := testmta.Session(t, pf.Addr(), "127.0.0.6")
+			if err != nil {
+				t.Fatal(err)
+			}
+			r, _ := s.Cmd("HELO localhost")
+			if front == "milter" {
+				// Postfix gives a HELO-stage milter refusal at MAIL FROM.
+				r, _ = s.Mail("a@example.org")
+			} else {
+				// Behind policy the HELO check runs with the first RCPT
+				// (smtpd_delay_reject).
+				s.Mail("a@example.org")
+				r, _ = s.Rcpt("x@example.test")
+			}
+			if r.Code != 550 || !strings.HasSuffix(r.String(), "You are not localhost") {
+				t.Fatalf("HELO localhost: %s\nmaillog:\n%s", r, pf.Maillog())
+			}
+			s.Close()
+
+			tr := testmta.SendMail(t, pf.Addr(), "127.0.0.7", "a@example.org", []string{"u1@example.test", "u2@example.test", "u3@example.test"})
+			replies := tr.RcptReplies()
+			if len(replies) != 3 || replies[0].Code != 250 || replies[1].Code != 250 || replies[2].Code/100 != 4 ||
+				!strings.HasSuffix(replies[2].String(), "Recipient 3 of 2 for 127.0.0.7") || tr.Final().Code != 250 {
+				t.Fatalf("counted recipients:\n%s", tr)
+			}
+		})
+	}
+}
+
+// check compiles every script: a syntax error at the script's line, a
+// register error at the plugins line.
+func TestCheckLuaPlugins(t *testing.T) {
+	for _, tc := range []struct {
+		plugins, script, want string
+	}{
+		{"mine", "function hook_connect(s)\n  return DENY,\nend\n", "plugins.d/mine.lua:3: syntax error"},
+		{"mine limit x", "function register(a) error('limit: not a number') end\nfunction hook_rcpt(s) end\n", "plugins:1: mine: register: "},
+		{"mine", "local x = 1\n", "defines no hook function"},
+	} {
+		dir := t.TempDir()
+		os.MkdirAll(filepath.Join(dir, "plugins.d"), 0o755)
+		os.WriteFile(filepath.Join(dir, "plugins"), []byte(tc.plugins+"\n"), 0o644)
+		os.WriteFile(filepath.Join(dir, "plugins.d", "mine.lua"), []byte(tc.script), 0o644)
+		var out strings.Builder
+		if rc := run([]string{"check", "--config", dir}, &out, io.Discard); rc != 1 || !strings.Contains(out.String(), tc.want) {
+			t.Errorf("check %q: rc=%d, want 1 and %q:\n%s", tc.plugins, rc, tc.want, out.String())
+		}
+	}
+	// --plugin-dir is searched before plugins.d.
+	dir, more := t.TempDir(), t.TempDir()
+	os.WriteFile(filepath.Join(dir, "plugins"), []byte("elsewhere\n"), 0o644)
+	os.WriteFile(filepath.Join(more, "elsewhere.lua"), []byte("function hook_connect(s) end\n"), 0o644)
+	var out strings.Builder
+	if rc := run([]string{"check", "--config", dir, "--plugin-dir", more}, &out, io.Discard); rc != 0 || !strings.Contains(out.String(), "1. elsewhere") {
+		t.Errorf("check --plugin-dir: rc=%d\n%s", rc, out.String())
+	}
+}
