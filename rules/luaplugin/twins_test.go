@@ -15,11 +15,16 @@ import (
 // twin reads a script of examples/plugins.d.
 func twin(t *testing.T, name string) string {
 	t.Helper()
-	code, err := os.ReadFile(filepath.Join("..", "..", "examples", "plugins.d", name+".lua"))
+	code, err := readTwin(name)
 	if err != nil {
 		t.Fatal(err)
 	}
-	return string(code)
+	return code
+}
+
+func readTwin(name string) (string, error) {
+	code, err := os.ReadFile(filepath.Join("..", "..", "examples", "plugins.d", name+".lua"))
+	return string(code), err
 }
 
 // The differential test: each example script and the Go rule it copies
