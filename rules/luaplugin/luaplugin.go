@@ -112,6 +112,7 @@ func setup(src rules.ScriptSource, b *rules.Binder, env rules.Env) (any, error) 
 	if err != nil {
 		return nil, scriptSyntax(src.Display, err)
 	}
+	boundConcat(chunk)
 	p.proto, err = lua.Compile(chunk, src.Display)
 	if err != nil {
 		return nil, scriptSyntax(src.Display, err)

@@ -59,7 +59,18 @@ func (p *Plugin) newVM() (*vm, error) {
 	}
 	if str, ok := L.GetGlobal("string").(*lua.LTable); ok {
 		str.RawSetString("rep", L.NewFunction(strRep))
+		for _, name := range []string{"format", "gsub"} {
+			if fn, ok := str.RawGetString(name).(*lua.LFunction); ok && fn.IsG {
+				str.RawSetString(name, L.NewFunction(bounded("string."+name, fn)))
+			}
+		}
 	}
+	if tbl, ok := L.GetGlobal("table").(*lua.LTable); ok {
+		if fn, ok := tbl.RawGetString("concat").(*lua.LFunction); ok && fn.IsG {
+			tbl.RawSetString("concat", L.NewFunction(bounded("table.concat", fn)))
+		}
+	}
+	L.SetGlobal(concatName, L.NewFunction(concat))
 	for c := rules.Declined; c <= rules.DenySoftDisconnect; c++ {
 		L.SetGlobal(c.String(), lua.LNumber(c))
 	}
