@@ -294,8 +294,9 @@ func (g *Greylist) check(ctx context.Context, key, awl string, awlOK bool, now t
 			return true, err
 		}
 		if awlOK {
-			// The tally lives as long as a white triplet: a network
-			// that stops confirming new triplets loses its pass.
+			// The tally is a window of white_timeout from the first
+			// confirmation: a network that stops confirming new
+			// triplets loses its pass.
 			if _, err := g.store.Incr(ctx, awl, 1, g.white); err != nil {
 				return true, fmt.Errorf("greylisting auto-whitelist %s: %w", awl, err)
 			}
