@@ -1,10 +1,13 @@
 package main
 
 import (
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 
 	"github.com/policyd-mail/policyd/internal/testing/testmta"
@@ -94,5 +97,60 @@ func TestCheckLuaPlugins(t *testing.T) {
 	var out strings.Builder
 	if rc := run([]string{"check", "--config", dir, "--plugin-dir", more}, &out, io.Discard); rc != 0 || !strings.Contains(out.String(), "1. elsewhere") {
 		t.Errorf("check --plugin-dir: rc=%d\n%s", rc, out.String())
+	}
+}
+
+// Hostile scripts against the daemon: an infinite loop, a doubling
+// string, an ever-growing table, endless recursion, a runtime error, at
+// eight sessions at once. Every request is answered, every hook is a
+// script rule error, and the daemon's memory stays bounded (before the
+// concatenation was bounded, the doubling string alone took it past
+// 2.6 GB). A broken script on reload keeps the chain that runs.
+func TestHostileLuaPlugins(t *testing.T) {
+	cfg := t.TempDir()
+	os.MkdirAll(filepath.Join(cfg, "plugins.d"), 0o755)
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("hostile\n"), 0o644)
+	os.WriteFile(filepath.Join(cfg, "plugins.d", "hostile.lua"), []byte(`
+function hook_connect(s)
+  local m = s.remote_port % 5
+  if m == 0 then while true do end
+  elseif m == 1 then local x = "x" for i = 1, 40 do x = x .. x end
+  elseif m == 2 then local t = {} local i = 0 while true do i = i + 1 t[i] = {i, tostring(i)} end
+  elseif m == 3 then local function f(n) return f(n + 1) + 1 end f(1)
+  else local x = nil; x.y = 1 end
+end`), 0o644)
+	d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir())
+	pid := d.cmd.Process.Pid
+	const workers, each = 8, 25
+	var wg sync.WaitGroup
+	answers := make(chan string, workers*each)
+	for w := range workers {
+		wg.Go(func() {
+			for i := range each {
+				answers <- askPolicy(t, d.policy, fmt.Sprintf("192.0.2.%d", w+1), fmt.Sprint(w*each+i), "a@example.org")
+			}
+		})
+	}
+	wg.Wait()
+	close(answers)
+	for a := range answers {
+		if a != "action=DUNNO" {
+			t.Fatalf("a hostile script's session was answered %q, want DUNNO (--on-store-error continue)", a)
+		}
+	}
+	pollMetric(t, d, `policyd_rule_errors_total{kind="script",rule="hostile"}`, func(v float64) bool { return v == workers*each })
+	if hwm := procStatus(t, pid, "VmHWM"); hwm > 512<<20 {
+		t.Errorf("peak RSS %d MiB under hostile scripts, want under 512 MiB", hwm>>20)
+	}
+	t.Logf("peak RSS under hostile scripts: %d MiB", procStatus(t, pid, "VmHWM")>>20)
+
+	os.WriteFile(filepath.Join(cfg, "plugins.d", "hostile.lua"), []byte("function hook_connect(s)\n  return DENY,\nend\n"), 0o644)
+	d.cmd.Process.Signal(syscall.SIGHUP)
+	d.log.waitFor(t, "reload refused", 1)
+	if !strings.Contains(d.log.String(), "plugins.d/hostile.lua:3: syntax error") {
+		t.Fatalf("the refused reload does not name the script's line:\n%s", d.log.String())
+	}
+	if got := askPolicy(t, d.policy, "192.0.2.99", "5", "a@example.org"); got != "action=DUNNO" {
+		t.Fatalf("after a refused reload: %s", got)
 	}
 }
