@@ -153,10 +153,24 @@ func TestPostfixMilterConnectionShaper(t *testing.T) {
 // Sendmail throws away the text of a connect-stage milter reply, so
 // policyd gives the refusal at HELO: the client sees the rule's own
 // 451 4.7.1 text at MAIL FROM, as behind Postfix.
+//
+// The same with the Lua twin of the rule, a script from
+// examples/plugins.d found through --plugin-dir: an admin's plugin runs
+// behind Sendmail without a rebuild.
 func TestSendmailMilterConnectionShaper(t *testing.T) {
+	plugins, err := filepath.Abs(filepath.Join("..", "..", "examples", "plugins.d"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, rule := range []string{"connection_shaper", "lua_connection_shaper"} {
+		t.Run(rule, func(t *testing.T) { sendmailShaper(t, rule, plugins) })
+	}
+}
+
+func sendmailShaper(t *testing.T, rule, plugins string) {
 	cfg := t.TempDir()
-	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 3 exptime 3600\n"), 0o644)
-	d := startDaemon(t, "--config", cfg, "--milter-listen", "127.0.0.1:0", "--policy-listen", "")
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte(rule+" threshold 3 exptime 3600\n"), 0o644)
+	d := startDaemon(t, "--config", cfg, "--milter-listen", "127.0.0.1:0", "--policy-listen", "", "--plugin-dir", plugins)
 	sm := testmta.StartSendmail(t, testmta.SendmailOptions{MilterAddr: d.milter, MilterFlags: deployMilterFlags(t)})
 
 	send := func(local string, rcpts ...string) testmta.Transcript {
@@ -181,7 +195,7 @@ func TestSendmailMilterConnectionShaper(t *testing.T) {
 		t.Fatalf("other address refused:\n%s", tr)
 	}
 	hasSeries(t, scrape(t, d),
-		`policyd_decisions_total{answer="DENYSOFT",dry_run="false",hook="connect",protocol="milter",rule="connection_shaper"} 1`,
+		`policyd_decisions_total{answer="DENYSOFT",dry_run="false",hook="connect",protocol="milter",rule="`+rule+`"} 1`,
 		`~policyd_hook_duration_seconds_count\{hook="data_post",protocol="milter"\} [1-9]\d*`,
 		`~policyd_sessions_open\{protocol="milter"\} \d+`,
 	)
