@@ -154,3 +154,26 @@ end`), 0o644)
 		t.Fatalf("after a refused reload: %s", got)
 	}
 }
+
+// simulate runs scripts like any rule, and --at moves the clock a script
+// reads with now().
+func TestSimulateLuaPlugin(t *testing.T) {
+	cfg := t.TempDir()
+	os.MkdirAll(filepath.Join(cfg, "plugins.d"), 0o755)
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("office_hours\n"), 0o644)
+	os.WriteFile(filepath.Join(cfg, "plugins.d", "office_hours.lua"), []byte(`
+function hook_mail(s)
+  local hour = math.floor(now() / 3600) % 24
+  if hour < 8 or hour >= 18 then return DENYSOFT, "Come back at 08:00 UTC (it is " .. hour .. ")" end
+end`), 0o644)
+	for _, tc := range []struct{ at, want string }{
+		{"2026-12-04T03:00:00Z", "mail\toffice_hours\tDENYSOFT\tCome back at 08:00 UTC (it is 3)\t0s"},
+		{"2026-12-04T10:00:00Z", "mail\t-\tDECLINED\t-\t0s"},
+	} {
+		var out, errw strings.Builder
+		if rc := run([]string{"simulate", "--config", cfg, "--ip", "192.0.2.1", "--from", "a@example.org", "--at", tc.at}, &out, &errw); rc != 0 ||
+			!strings.Contains(out.String(), tc.want) {
+			t.Errorf("simulate --at %s: rc=%d\n%s%s", tc.at, rc, out.String(), errw.String())
+		}
+	}
+}

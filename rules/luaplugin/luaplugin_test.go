@@ -283,3 +283,23 @@ function hook_connect(s) end`, "config/plugins:1: broken: register: config/plugi
 }
 
 func mustPrefix(s string) netip.Prefix { return netip.MustParsePrefix(s) }
+
+// The notify hooks run (answers ignored), log.* writes to the daemon's
+// log with the script and client, and dry_run applies to a script as to
+// any rule.
+func TestNotifyLogAndDryRun(t *testing.T) {
+	script := `
+function hook_reset_transaction(s) store.incr(s.remote_ip .. ":resets", 60) end
+function hook_disconnect(s) log.info("bye " .. store.get(s.remote_ip .. ":resets")); return DENY, "ignored" end
+function hook_rcpt(s) return DENY, "would refuse" end`
+	h := harness(t, "notify dry_run 1", map[string]string{"notify": script}, rulestest.Options{})
+	if _, d := session(h, "192.0.2.1", nil); d.Refuses() {
+		t.Fatalf("dry_run refused: %v %q", d.Code, d.Text)
+	}
+	logs := h.Logs.String()
+	for _, want := range []string{`msg="bye 1"`, "script=config/plugins.d/notify.lua", "client=192.0.2.1", `text="would refuse"`, "dry_run=true"} {
+		if !strings.Contains(logs, want) {
+			t.Errorf("logs lack %s:\n%s", want, logs)
+		}
+	}
+}
