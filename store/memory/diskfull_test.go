@@ -139,9 +139,8 @@ func TestDiskFull(t *testing.T) {
 	if deg := s.Degraded(); deg != nil {
 		t.Errorf("still degraded after recovery: %q", deg)
 	}
-	if !strings.Contains(logs.String(), "state persisted again") {
-		t.Errorf("no recovery line:\n%s", logs.String())
-	}
+	// The line is written just after the state says so: wait for it.
+	waitUntil(t, "the recovery is logged", func() bool { return strings.Contains(logs.String(), "state persisted again") })
 	// Nothing acknowledged is lost, the dropped records included: a
 	// crash now (no snapshot at Close) still finds every counter at 20.
 	crash(s)
