@@ -40,6 +40,11 @@ type Rate struct {
 // limit). Backends in Go use it; the Redis script is the same
 // arithmetic in Lua.
 func RateStep(r Rate, tat int64, ok bool, nowUS int64) (next int64, used int64, conforms bool) {
+	if r.Cost > r.Limit {
+		// More than the whole budget (a SIZE= of 2^63): never conforms,
+		// and kept out of the arithmetic, where it would overflow.
+		return tat, r.Cost, false
+	}
 	interval := float64(r.Period.Microseconds()) / float64(r.Limit)
 	now := float64(nowUS)
 	start := now

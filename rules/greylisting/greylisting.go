@@ -117,19 +117,23 @@ var defaultRecipients = []string{"postmaster@", "abuse@"}
 // bindRecipients reads whitelist_recipient: entries add to the defaults;
 // "none" drops them.
 func bindRecipients(b *rules.Binder) []string {
-	out := slices.Clone(defaultRecipients)
+	var out []string
+	keepDefaults := true
 	for _, set := range b.Each("whitelist_recipient") {
 		for _, v := range strings.FieldsFunc(set.Value, isSep) {
 			v = strings.ToLower(normalize(v))
 			switch {
 			case v == "none":
-				out = out[len(defaultRecipients):]
+				keepDefaults = false
 			case strings.Count(v, "@") != 1 || v == "@":
 				b.ErrorAt(set, "%q is not local@, @domain or local@domain", v)
 			default:
 				out = append(out, v)
 			}
 		}
+	}
+	if keepDefaults {
+		out = append(slices.Clone(defaultRecipients), out...)
 	}
 	return out
 }

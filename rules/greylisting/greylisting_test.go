@@ -167,7 +167,7 @@ func TestGreylisting(t *testing.T) {
 		},
 		{
 			name:    "whitelist_recipient none drops postmaster@ and abuse@",
-			plugins: short + " whitelist_recipient none",
+			plugins: short + " whitelist_recipient none,none,a@ whitelist_recipient none",
 			tries:   []try{{rcpt: "postmaster@example.test", want: rules.DenySoft}},
 		},
 		{

@@ -16,6 +16,10 @@ type budget struct {
 	context.Context
 	cancel context.CancelCauseFunc
 
+	// base is the heap when the call began: the watchdog stops the
+	// call when the heap has grown HeapAllowance past it.
+	base uint64
+
 	mu      sync.Mutex
 	timer   *time.Timer
 	left    time.Duration
@@ -64,8 +68,9 @@ func (b *budget) stop() {
 func (b *budget) overran() bool  { return errors.Is(context.Cause(b), errOverran) }
 func (b *budget) overgrew() bool { return errors.Is(context.Cause(b), errOvergrew) }
 
-// HeapAllowance is how far the Go heap may grow above its size at the
-// first script call before every running script call is stopped. A time
+// HeapAllowance is how far the Go heap may grow during a script call
+// (from the watchdog's reading when the call began) before the call is
+// stopped. A time
 // budget alone does not bound memory: "s = s .. s" doubles a string per
 // instruction, and one string.rep is one instruction (string.rep is also
 // capped, at MaxString).
@@ -79,10 +84,13 @@ const watchPeriod = 2 * time.Millisecond
 var watch watchdog
 
 type watchdog struct {
-	mu       sync.Mutex
-	active   map[*budget]struct{}
-	running  bool
-	baseline uint64
+	mu      sync.Mutex
+	active  map[*budget]struct{}
+	running bool
+	// last is the heap at the watchdog's last reading: a call's base,
+	// so the daemon's own growth between calls never counts against a
+	// script.
+	last uint64
 }
 
 func (w *watchdog) add(b *budget) {
@@ -90,13 +98,14 @@ func (w *watchdog) add(b *budget) {
 	defer w.mu.Unlock()
 	if w.active == nil {
 		w.active = map[*budget]struct{}{}
-		w.baseline = heapBytes()
 	}
-	w.active[b] = struct{}{}
 	if !w.running {
+		w.last = heapBytes()
 		w.running = true
 		go w.loop()
 	}
+	b.base = w.last
+	w.active[b] = struct{}{}
 }
 
 func (w *watchdog) remove(b *budget) {
@@ -115,14 +124,14 @@ func (w *watchdog) loop() {
 			w.mu.Unlock()
 			return
 		}
-		limit := w.baseline + HeapAllowance
 		w.mu.Unlock()
-		if heapBytes() <= limit {
-			continue
-		}
+		cur := heapBytes()
 		w.mu.Lock()
+		w.last = cur
 		for b := range w.active {
-			b.cancel(errOvergrew)
+			if cur > b.base+HeapAllowance {
+				b.cancel(errOvergrew)
+			}
 		}
 		w.mu.Unlock()
 	}

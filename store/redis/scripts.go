@@ -138,7 +138,7 @@ var inspectScript = goredis.NewScript(inspectLua)
 // scriptSources are loaded (SCRIPT LOAD) at start and after every outage,
 // on every master, so EVALSHA hits; Script.Run falls back to EVAL on
 // NOSCRIPT should a server lose them in between.
-var scriptSources = []string{incrLua, hincrLua, hgetLua, tallyLua, acquireLua, inspectLua}
+var scriptSources = []string{incrLua, hincrLua, hgetLua, tallyLua, acquireLua, inspectLua, limitLua}
 
 // limitScript is Limit: GCRA over the fields of one hash, with
 // store.RateStep's arithmetic (the same float64 operations, so both
@@ -158,18 +158,26 @@ local nexts = {}
 for i = 2, #ARGV, 4 do
   local interval = tonumber(ARGV[i + 1])
   local cost = tonumber(ARGV[i + 2])
+  local limit = tonumber(ARGV[i + 3])
   local start = now
   local tat = redis.call('HGET', KEYS[1], ARGV[i])
   if tat then
     tat = tonumber(tat)
     if tat > start then start = tat end
   end
-  local e = start + cost * interval
-  local count = math.ceil((e - now - 0.5) / interval)
-  if count < 0 then count = 0 end
-  out[#out + 1] = count
-  nexts[#nexts + 1] = math.floor(e + 0.5)
-  if cost > 0 and count > tonumber(ARGV[i + 3]) then ok = 0 end
+  if cost > limit then
+    -- more than the whole budget: never conforms (store.RateStep)
+    out[#out + 1] = ARGV[i + 2]
+    nexts[#nexts + 1] = 0
+    ok = 0
+  else
+    local e = start + cost * interval
+    local count = math.ceil((e - now - 0.5) / interval)
+    if count < 0 then count = 0 end
+    out[#out + 1] = count
+    nexts[#nexts + 1] = math.floor(e + 0.5)
+    if cost > 0 and count > limit then ok = 0 end
+  end
 end
 out[1] = ok
 if ok == 0 then return out end

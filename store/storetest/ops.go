@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"errors"
 	"maps"
+	"math"
 	"slices"
 	"sync"
 	"testing"
@@ -289,6 +290,12 @@ func testLimit(t *testing.T, r *runner) {
 		// an hour after the last take, everything is whole
 		{84 * time.Minute, 3, 5, true, [2]int64{3, 5}},
 	})
+	// A cost above the whole budget (a SIZE= of 2^63) is refused and
+	// changes nothing, without overflowing on either backend.
+	ok, used, err := e.s.Limit(e.ctx, k, t0.Add(84*time.Minute), store.Rate{Field: "messages", Limit: 3, Period: time.Hour, Cost: math.MaxInt64})
+	if err != nil || ok || len(used) != 1 || used[0] != math.MaxInt64 {
+		t.Fatalf("Limit with a huge cost = %v %v %v; want refused, used MaxInt64", ok, used, err)
+	}
 	got := e.hget(k)[0]
 	if want := t0.Add(84*time.Minute + time.Hour).UnixMicro(); got["messages"] != want || got["recipients"] != want {
 		t.Fatalf("budget record = %v; want both at %d", got, want)
