@@ -307,19 +307,10 @@ func (r *Registry) Delayed(protocol string, h rules.Hook, rule string, d time.Du
 			Help:    "Delays the rule asked the front-end to hold a reply for, by protocol, hook and rule instance (before the front-end's cap).",
 			Buckets: delayBuckets,
 		}, []string{"protocol", "hook", "rule"})
-		if err := r.reg.Register(hv); err != nil {
-			// Another series of that name: keep the first, never panic
-			// on the hot path.
-			var are prometheus.AlreadyRegisteredError
-			existing, isVec := (*prometheus.HistogramVec)(nil), false
-			if errors.As(err, &are) {
-				existing, isVec = are.ExistingCollector.(*prometheus.HistogramVec)
-			}
-			if !isVec {
-				r.delayMu.Unlock()
-				return
-			}
-			hv = existing
+		var ok bool
+		if hv, ok = registerLate(r.reg, hv); !ok {
+			r.delayMu.Unlock()
+			return
 		}
 		if r.delays == nil {
 			r.delays = map[string]*prometheus.HistogramVec{}
@@ -328,6 +319,23 @@ func (r *Registry) Delayed(protocol string, h rules.Hook, rule string, d time.Du
 	}
 	r.delayMu.Unlock()
 	hv.WithLabelValues(protocol, h.String(), rule).Observe(d.Seconds())
+}
+
+// registerLate registers a series made at its first use, on the hot
+// path: one already registered under that name is taken instead, and a
+// clash with a series of another kind gives ok false, never a panic.
+func registerLate[C prometheus.Collector](reg *prometheus.Registry, c C) (C, bool) {
+	err := reg.Register(c)
+	if err == nil {
+		return c, true
+	}
+	var are prometheus.AlreadyRegisteredError
+	if errors.As(err, &are) {
+		if existing, ok := are.ExistingCollector.(C); ok {
+			return existing, true
+		}
+	}
+	return c, false
 }
 
 // eventHelp explains the rules' own events; an event not listed gets a
@@ -350,17 +358,10 @@ func (r *Registry) RuleEvent(rule, event string) {
 			help = "Times the rule's " + event + " event happened, by rule instance."
 		}
 		cv = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: Namespace, Name: series + "_total", Help: help}, []string{"rule"})
-		if err := r.reg.Register(cv); err != nil {
-			var are prometheus.AlreadyRegisteredError
-			existing, isVec := (*prometheus.CounterVec)(nil), false
-			if errors.As(err, &are) {
-				existing, isVec = are.ExistingCollector.(*prometheus.CounterVec)
-			}
-			if !isVec {
-				r.delayMu.Unlock()
-				return
-			}
-			cv = existing
+		var ok bool
+		if cv, ok = registerLate(r.reg, cv); !ok {
+			r.delayMu.Unlock()
+			return
 		}
 		if r.events == nil {
 			r.events = map[string]*prometheus.CounterVec{}

@@ -25,13 +25,19 @@ import (
 // askPolicy sends one RCPT request as a new SMTP session of client.
 func askPolicy(t testing.TB, addr, client, port, sender string) string {
 	t.Helper()
+	return askRcpt(t, addr, "client_address="+client, "client_port="+port,
+		"helo_name=h.example", "sender="+sender, "recipient=r@example.test", "instance=a.b.c.0")
+}
+
+// askRcpt sends one RCPT request with attrs on a connection of its own.
+func askRcpt(t testing.TB, addr string, attrs ...string) string {
+	t.Helper()
 	c, err := net.Dial("tcp", addr)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
-	return policyAsk(t, c, bufio.NewReader(c), "protocol_state=RCPT", "client_address="+client, "client_port="+port,
-		"helo_name=h.example", "sender="+sender, "recipient=r@example.test", "instance=a.b.c.0")
+	return policyAsk(t, c, bufio.NewReader(c), append([]string{"protocol_state=RCPT"}, attrs...)...)
 }
 
 // admin runs policyd inspect or forget against d, as an operator would.

@@ -17,21 +17,29 @@ import (
 // protocol and behind milter: one refuses a HELO name at helo, one counts
 // recipients per client in the store at rcpt and defers the third. The
 // SMTP client sees the scripts' codes and texts.
-func TestPostfixLuaPlugins(t *testing.T) {
+// luaConfig is a config directory of plugins and the scripts given by name.
+func luaConfig(t *testing.T, plugins string, scripts map[string]string) string {
+	t.Helper()
 	cfg := t.TempDir()
 	os.MkdirAll(filepath.Join(cfg, "plugins.d"), 0o755)
-	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("no_localhost\nrcpt_counter limit 2\n"), 0o644)
-	os.WriteFile(filepath.Join(cfg, "plugins.d", "no_localhost.lua"), []byte(`
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte(plugins), 0o644)
+	for name, code := range scripts {
+		os.WriteFile(filepath.Join(cfg, "plugins.d", name+".lua"), []byte(code), 0o644)
+	}
+	return cfg
+}
+
+func TestPostfixLuaPlugins(t *testing.T) {
+	cfg := luaConfig(t, "no_localhost\nrcpt_counter limit 2\n", map[string]string{"no_localhost": `
 function hook_helo(s)
   if s.helo:lower() == "localhost" then return DENY, "You are not localhost" end
-end`), 0o644)
-	os.WriteFile(filepath.Join(cfg, "plugins.d", "rcpt_counter.lua"), []byte(`
+end`, "rcpt_counter": `
 local limit
 function register(args) limit = tonumber(args.limit) or error("limit: a number, please") end
 function hook_rcpt(s)
   local n = store.incr(s.remote_ip .. ":rcpts", 3600)
   if n > limit then return DENYSOFT, "Recipient " .. n .. " of " .. limit .. " for " .. s.remote_ip end
-end`), 0o644)
+end`})
 	for _, front := range []string{"policy", "milter"} {
 		t.Run(front, func(t *testing.T) {
 			var pf *testmta.Postfix
@@ -107,10 +115,7 @@ func TestCheckLuaPlugins(t *testing.T) {
 // concatenation was bounded, the doubling string alone took it past
 // 2.6 GB). A broken script on reload keeps the chain that runs.
 func TestHostileLuaPlugins(t *testing.T) {
-	cfg := t.TempDir()
-	os.MkdirAll(filepath.Join(cfg, "plugins.d"), 0o755)
-	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("hostile\n"), 0o644)
-	os.WriteFile(filepath.Join(cfg, "plugins.d", "hostile.lua"), []byte(`
+	cfg := luaConfig(t, "hostile\n", map[string]string{"hostile": `
 function hook_connect(s)
   local m = s.remote_port % 5
   if m == 0 then while true do end
@@ -118,7 +123,7 @@ function hook_connect(s)
   elseif m == 2 then local t = {} local i = 0 while true do i = i + 1 t[i] = {i, tostring(i)} end
   elseif m == 3 then local function f(n) return f(n + 1) + 1 end f(1)
   else local x = nil; x.y = 1 end
-end`), 0o644)
+end`})
 	d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir())
 	pid := d.cmd.Process.Pid
 	const workers, each = 8, 25
@@ -158,14 +163,11 @@ end`), 0o644)
 // simulate runs scripts like any rule, and --at moves the clock a script
 // reads with now().
 func TestSimulateLuaPlugin(t *testing.T) {
-	cfg := t.TempDir()
-	os.MkdirAll(filepath.Join(cfg, "plugins.d"), 0o755)
-	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("office_hours\n"), 0o644)
-	os.WriteFile(filepath.Join(cfg, "plugins.d", "office_hours.lua"), []byte(`
+	cfg := luaConfig(t, "office_hours\n", map[string]string{"office_hours": `
 function hook_mail(s)
   local hour = math.floor(now() / 3600) % 24
   if hour < 8 or hour >= 18 then return DENYSOFT, "Come back at 08:00 UTC (it is " .. hour .. ")" end
-end`), 0o644)
+end`})
 	for _, tc := range []struct{ at, want string }{
 		{"2026-12-04T03:00:00Z", "mail\toffice_hours\tDENYSOFT\tCome back at 08:00 UTC (it is 3)\t0s"},
 		{"2026-12-04T10:00:00Z", "mail\t-\tDECLINED\t-\t0s"},

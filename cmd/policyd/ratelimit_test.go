@@ -1,9 +1,7 @@
 package main
 
 import (
-	"bufio"
 	"fmt"
-	"net"
 	"os"
 	"path/filepath"
 	"strings"
@@ -178,40 +176,6 @@ func TestRatelimitSharedOnRedis(t *testing.T) {
 // user.
 func askPolicyAs(t testing.TB, addr, client, port, login string) string {
 	t.Helper()
-	c, err := net.Dial("tcp", addr)
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
-	return policyAsk(t, c, bufio.NewReader(c), "protocol_state=RCPT", "client_address="+client, "client_port="+port,
+	return askRcpt(t, addr, "client_address="+client, "client_port="+port,
 		"helo_name=h.example", "sender=s@example.org", "recipient=r@example.test", "sasl_username="+login)
-}
-
-// inspect and forget by key on the embedded store, a compound key
-// included: --key with one attribute shows every record of the value,
-// with two only the compound one.
-func TestInspectKeyEmbedded(t *testing.T) {
-	cfg := t.TempDir()
-	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("ratelimit:0 key sasl_username messages 10/1h\nratelimit:1 key sasl_username,recipient_domain recipients 5/1d\n"), 0o644)
-	d := startDaemon(t, "--config", cfg, "--state-dir", t.TempDir())
-	askPolicyAs(t, d.policy, "192.0.2.9", "1", "alice@example.org")
-	out, errs, rc := admin(t, d, "inspect", "--key", "sasl_username=alice@example.org")
-	if rc != 0 || !strings.Contains(out, "2 records") || !strings.Contains(out, "ratelimit:0") ||
-		!strings.Contains(out, "sasl_username=alice@example.org,recipient_domain=example.test") ||
-		!strings.Contains(out, "recipients: 1 of 5 per 1d, whole in 4h4") {
-		t.Fatalf("inspect --key: rc=%d %s\n%s", rc, errs, out)
-	}
-	out, _, rc = admin(t, d, "inspect", "--key", "sasl_username,recipient_domain=alice@example.org,example.test")
-	if rc != 0 || !strings.Contains(out, "1 record") || !strings.Contains(out, "ratelimit:1") {
-		t.Fatalf("inspect --key compound: rc=%d\n%s", rc, out)
-	}
-	if out, errs, rc := admin(t, d, "inspect", "--key", "alice"); rc != 2 || !strings.Contains(errs, "is not NAME=VALUE") {
-		t.Fatalf("inspect --key alice: rc=%d %s %s", rc, out, errs)
-	}
-	if out, _, rc := admin(t, d, "forget", "--key", "sasl_username=alice@example.org"); rc != 0 || !strings.Contains(out, "deleted 2 records") {
-		t.Fatalf("forget --key: rc=%d\n%s", rc, out)
-	}
-	if out, _, _ := admin(t, d, "inspect", "--key", "sasl_username=alice@example.org"); !strings.Contains(out, "nothing stored") {
-		t.Fatalf("inspect after forget:\n%s", out)
-	}
 }
