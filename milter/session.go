@@ -88,6 +88,7 @@ func (m *session) Connect(host, family string, port uint16, addr net.IP, mod *go
 	m.merge(mod)
 	m.s = rules.NewConversation(m.srv.chain(), "milter", clientAddr(addr, m.macros), int(port), m.srv.cfg.Clock.Now())
 	m.s.ClientName = host
+	m.s.Local = localAddr(m.macros)
 	m.s.ID = strconv.FormatUint(m.conn.ID, 10)
 	d := m.s.Connect(context.Background())
 	if d.Refuses() && !d.Code.Disconnects() {
@@ -104,6 +105,17 @@ func clientAddr(ip net.IP, macros map[string]string) netip.Addr {
 	}
 	if a, err := netip.ParseAddr(macros["{client_addr}"]); err == nil {
 		return a.Unmap()
+	}
+	return netip.Addr{}
+}
+
+// localAddr is the MTA's own address of the connection: Postfix's
+// {daemon_addr}, Sendmail's {if_addr}.
+func localAddr(macros map[string]string) netip.Addr {
+	for _, k := range []string{"{daemon_addr}", "{if_addr}"} {
+		if a, err := netip.ParseAddr(macros[k]); err == nil {
+			return a.Unmap()
+		}
 	}
 	return netip.Addr{}
 }

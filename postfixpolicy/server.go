@@ -409,6 +409,11 @@ func fillSession(sess *rules.Conversation, req *Request) {
 	if req.SASLUsername != "" {
 		sess.AuthUser = req.SASLUsername
 	}
+	if !sess.Local.IsValid() && req.ServerAddress != "" {
+		if a, err := netip.ParseAddr(req.ServerAddress); err == nil {
+			sess.Local = a.Unmap()
+		}
+	}
 }
 
 // Shutdown stops accepting, closes idle connections, lets requests in

@@ -13,7 +13,8 @@ type Session struct {
 	Protocol   string // "policy" or "milter": for logs and metrics only, never for decisions
 	Client     netip.Addr
 	ClientPort int
-	ClientName string // reverse name as the MTA verified it, "unknown" or empty
+	ClientName string     // reverse name as the MTA verified it, "unknown" or empty
+	Local      netip.Addr // the MTA's address the client connected to, when the MTA says
 	Helo       string
 	AuthUser   string // SASL login, when the MTA reports one
 	Started    time.Time

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Installs what the tests run for real: Postfix, Redis, swaks, miltertest,
+# lua5.1 (the reference the Lua sandbox's pattern matcher is checked against),
 # and a private Sendmail 8.17 unpacked into .cache/sendmail.
 # Under CI=true a missing tool that cannot be installed is an error, never
 # a reason to skip tests.
@@ -32,6 +33,7 @@ need=()
 command -v postfix >/dev/null 2>&1 || [ -x /usr/sbin/postfix ] || need+=(postfix)
 command -v redis-server >/dev/null 2>&1 || need+=(redis-server)
 command -v swaks >/dev/null 2>&1 || need+=(swaks)
+command -v lua5.1 >/dev/null 2>&1 || need+=(lua5.1)
 command -v miltertest >/dev/null 2>&1 || need+=(miltertest)
 command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd)
 

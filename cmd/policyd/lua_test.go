@@ -38,7 +38,7 @@ local limit
 function register(args) limit = tonumber(args.limit) or error("limit: a number, please") end
 function hook_rcpt(s)
   local n = store.incr(s.remote_ip .. ":rcpts", 3600)
-  if n > limit then return DENYSOFT, "Recipient " .. n .. " of " .. limit .. " for " .. s.remote_ip end
+  if n > limit then return DENYSOFT, "Recipient " .. n .. " of " .. limit .. " for " .. s.remote_ip .. " at " .. tostring(s.local_ip) end
 end`})
 	for _, front := range []string{"policy", "milter"} {
 		t.Run(front, func(t *testing.T) {
@@ -72,7 +72,7 @@ end`})
 			tr := testmta.SendMail(t, pf.Addr(), "127.0.0.7", "a@example.org", []string{"u1@example.test", "u2@example.test", "u3@example.test"})
 			replies := tr.RcptReplies()
 			if len(replies) != 3 || replies[0].Code != 250 || replies[1].Code != 250 || replies[2].Code/100 != 4 ||
-				!strings.HasSuffix(replies[2].String(), "Recipient 3 of 2 for 127.0.0.7") || tr.Final().Code != 250 {
+				!strings.HasSuffix(replies[2].String(), "Recipient 3 of 2 for 127.0.0.7 at "+strings.Split(pf.Addr(), ":")[0]) || tr.Final().Code != 250 {
 				t.Fatalf("counted recipients:\n%s", tr)
 			}
 		})

@@ -2,6 +2,7 @@ package luaplugin
 
 import (
 	"reflect"
+	"strings"
 
 	lua "github.com/yuin/gopher-lua"
 	"github.com/yuin/gopher-lua/ast"
@@ -12,8 +13,9 @@ import (
 // (well inside 50 ms) would ask for a gigabyte. The VM's concatenation
 // is an opcode with no hook, so the script's syntax tree is rewritten
 // before it is compiled: every "a .. b" becomes a call of concatName,
-// which checks the length first. The string functions that can grow a
-// string (format, gsub, rep; table.concat) are wrapped the same way.
+// which checks the length first. The library functions that can grow a
+// string (format, gsub, rep, table.concat) or the stack (unpack) size
+// their result before they build it.
 
 // concatName is the global the rewritten concatenations call; a script
 // that overwrites it only breaks its own concatenations.
@@ -60,13 +62,27 @@ func walk(v reflect.Value) {
 	}
 }
 
-// concat is "a .. b" with MaxString.
+// concat is "a .. b" with MaxString, and with the __concat metamethod
+// when either side is no string or number.
 func concat(L *lua.LState) int {
 	a, b := L.Get(1), L.Get(2)
-	for _, x := range []lua.LValue{a, b} {
-		if !lua.LVCanConvToString(x) {
-			L.RaiseError("attempt to concatenate a %s value", x.Type().String())
+	if !lua.LVCanConvToString(a) || !lua.LVCanConvToString(b) {
+		mm := L.GetMetaField(a, "__concat")
+		if mm == lua.LNil {
+			mm = L.GetMetaField(b, "__concat")
 		}
+		if mm == lua.LNil {
+			bad := a
+			if lua.LVCanConvToString(a) {
+				bad = b
+			}
+			L.RaiseError("attempt to concatenate a %s value", bad.Type().String())
+		}
+		L.Push(mm)
+		L.Push(a)
+		L.Push(b)
+		L.Call(2, 1)
+		return 1
 	}
 	sa, sb := lua.LVAsString(a), lua.LVAsString(b)
 	if len(sa)+len(sb) > MaxString {
@@ -76,17 +92,112 @@ func concat(L *lua.LState) int {
 	return 1
 }
 
-// bounded wraps a library function whose first result is a string that
-// may grow past MaxString: past it, the call is an error.
-func bounded(name string, fn *lua.LFunction) lua.LGFunction {
+// tableConcat is table.concat, sized before anything is built.
+func tableConcat(L *lua.LState) int {
+	t := L.CheckTable(1)
+	sep := L.OptString(2, "")
+	i := L.OptInt(3, 1)
+	j := L.OptInt(4, t.Len())
+	size := 0
+	for k := i; k <= j; k++ {
+		v := t.RawGetInt(k)
+		if !lua.LVCanConvToString(v) {
+			L.RaiseError("invalid value (at index %d) in table for 'concat'", k)
+		}
+		size += len(lua.LVAsString(v))
+		if k < j {
+			size += len(sep)
+		}
+		if size > MaxString {
+			L.RaiseError("table.concat: the result would exceed %d bytes", MaxString)
+		}
+	}
+	var b strings.Builder
+	b.Grow(size)
+	for k := i; k <= j; k++ {
+		b.WriteString(lua.LVAsString(t.RawGetInt(k)))
+		if k < j {
+			b.WriteString(sep)
+		}
+	}
+	L.Push(lua.LString(b.String()))
+	return 1
+}
+
+// maxUnpack is Lua 5.1's own limit on the values unpack may return: one
+// call of it is one instruction, so unpack({}, 1, 1e9) must not try.
+const maxUnpack = 8000
+
+func unpack(L *lua.LState) int {
+	t := L.CheckTable(1)
+	i := L.OptInt(2, 1)
+	j := L.OptInt(3, t.Len())
+	if i > j {
+		return 0
+	}
+	if j-i >= maxUnpack || j-i < 0 {
+		L.RaiseError("too many results to unpack")
+	}
+	for k := i; k <= j; k++ {
+		L.Push(t.RawGetInt(k))
+	}
+	return j - i + 1
+}
+
+// boundedFormat is string.format sized before it runs: Lua's own limits
+// (two digits of width or precision) and the arguments' lengths bound
+// the result, and past MaxString the call is an error.
+func boundedFormat(fn *lua.LFunction) lua.LGFunction {
 	orig := fn.GFunction
 	return func(L *lua.LState) int {
-		n := orig(L)
-		if n > 0 {
-			if s, ok := L.Get(-n).(lua.LString); ok && len(s) > MaxString {
-				L.RaiseError("%s: the result would exceed %d bytes", name, MaxString)
+		f := L.CheckString(1)
+		size, arg := len(f), 2
+		for k := 0; k < len(f); k++ {
+			if f[k] != '%' {
+				continue
+			}
+			k++
+			if k < len(f) && f[k] == '%' {
+				continue
+			}
+			start := k
+			for k < len(f) && strings.IndexByte("-+ #0", f[k]) >= 0 {
+				k++
+			}
+			if k-start > 5 {
+				L.RaiseError("invalid format (repeated flags)")
+			}
+			digits := func() {
+				d := k
+				for k < len(f) && f[k] >= '0' && f[k] <= '9' {
+					k++
+				}
+				if k-d > 2 {
+					L.RaiseError("invalid format (width or precision too long)")
+				}
+			}
+			digits()
+			if k < len(f) && f[k] == '.' {
+				k++
+				digits()
+			}
+			// Width and precision are at most 99 each; a number's
+			// longest form (%f of 1e308) is about 320 bytes.
+			size += 99 + 99 + 330
+			if arg <= L.GetTop() {
+				if s, ok := L.Get(arg).(lua.LString); ok {
+					// %q may write each byte as an escape.
+					if k < len(f) && f[k] == 'q' {
+						size += 3 * len(s)
+					}
+					size += len(s)
+				}
+			}
+			arg++
+			if size > MaxString {
+				L.RaiseError("string.format: the result would exceed %d bytes", MaxString)
 			}
 		}
-		return n
+		return orig(L)
 	}
 }

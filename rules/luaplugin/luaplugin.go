@@ -202,6 +202,8 @@ func (p *Plugin) run(ctx context.Context, h rules.Hook, s *rules.Session, d *rul
 	if err != nil {
 		return &ScriptError{Msg: err.Error()}
 	}
+	ctx, cancel := context.WithTimeoutCause(ctx, p.timeout+maxStoreWait, errStoreWait)
+	defer cancel()
 	call := newBudget(ctx, p.timeout)
 	defer call.stop()
 	v.begin(ctx, call, s)
@@ -218,6 +220,9 @@ func (p *Plugin) run(ctx context.Context, h rules.Hook, s *rules.Session, d *rul
 		v.L.Close()
 		if v.storeErr != nil {
 			// A store failure is a store error, as for a Go rule.
+			if errors.Is(context.Cause(ctx), errStoreWait) {
+				return fmt.Errorf("%s: %w (%w)", p.display, errStoreWait, v.storeErr)
+			}
 			return fmt.Errorf("%s: %w", p.display, v.storeErr)
 		}
 		return p.scriptError(h, s, call, err)
@@ -240,6 +245,8 @@ func (p *Plugin) scriptError(h rules.Hook, s *rules.Session, call *budget, err e
 	switch {
 	case call.overran():
 		msg = fmt.Sprintf("%s: %s stopped after its budget of %v (timeout)", p.display, hookNameOf(h), p.timeout)
+	case errors.Is(context.Cause(call), errStoreWait):
+		msg = fmt.Sprintf("%s: %s stopped: %v", p.display, hookNameOf(h), errStoreWait)
 	case call.overgrew():
 		msg = fmt.Sprintf("%s: %s stopped: the process's heap grew past the scripts' allowance", p.display, hookNameOf(h))
 	default:

@@ -98,9 +98,46 @@ function hook_rcpt(s)
     s.queue_id or "nil", t.sender, t.rcpt, #t.recipients, t.size or "nil", tostring(s.local_ip)}, "|")
 end`
 	h := harness(t, "fields", map[string]string{"fields": script}, rulestest.Options{})
-	_, d := session(h, "192.0.2.7", func(s *rules.Conversation) { s.ClientName = "client.example.org"; s.AuthUser = "alice" })
-	if want := "192.0.2.7|40000|client.example.org|mx.example.org|alice|Q1|alice@example.org|bob@example.net|0|1234|nil"; d.Text != want {
+	_, d := session(h, "192.0.2.7", func(s *rules.Conversation) {
+		s.ClientName, s.AuthUser, s.Local = "client.example.org", "alice", netip.MustParseAddr("198.51.100.25")
+	})
+	if want := "192.0.2.7|40000|client.example.org|mx.example.org|alice|Q1|alice@example.org|bob@example.net|0|1234|198.51.100.25"; d.Text != want {
 		t.Fatalf("fields %q\nwant %q", d.Text, want)
+	}
+	if _, d := session(h, "192.0.2.7", nil); !strings.HasSuffix(d.Text, "|nil") {
+		t.Fatalf("local_ip of an MTA that does not say: %q", d.Text)
+	}
+}
+
+// A notes table kept in a global is cut loose when its hook call ends: a
+// pooled VM's next call may serve another session.
+func TestNotesEndWithTheirCall(t *testing.T) {
+	script := `
+function hook_connect(s) kept = s.notes; kept.x = "a" end
+function hook_helo(s) kept.x = "b" end`
+	m := &metrics{}
+	h := harness(t, "keeper", map[string]string{"keeper": script}, rulestest.Options{Metrics: m})
+	var conv *rules.Conversation
+	session(h, "192.0.2.1", func(s *rules.Conversation) { conv = s })
+	if len(m.errs) != 1 || m.errs[0] != "keeper helo script" || !strings.Contains(h.Logs.String(), "belonged to an earlier hook call") {
+		t.Fatalf("rule errors %v\n%s", m.errs, h.Logs)
+	}
+	if v := conv.Notes.Get("x"); v != "a" {
+		t.Fatalf("the note is %v", v)
+	}
+}
+
+// "a .. b" keeps Lua's __concat metamethod under the length check.
+func TestConcatMetamethod(t *testing.T) {
+	script := `
+local mt = {__concat = function(a, b) return "joined" end}
+function hook_connect(s)
+  local t = setmetatable({}, mt)
+  return DENY, (t .. "x") .. "|" .. ("x" .. t)
+end`
+	h := harness(t, "meta", map[string]string{"meta": script}, rulestest.Options{})
+	if _, d := session(h, "192.0.2.1", nil); d.Text != "joined|joined" {
+		t.Fatalf("%v %q\n%s", d.Code, d.Text, h.Logs)
 	}
 }
 
@@ -170,6 +207,12 @@ end`
 	if keys, _ := h.Store.Scan(context.Background(), "policyd:{key=last}:"); len(keys) != 2 || keys[0] != "policyd:{key=last}:counter:0:script" {
 		t.Fatalf("keys of the instances: %v", keys)
 	}
+	// An IPv6 client's key is filed under its network, as a Go rule's is.
+	session(h, "2001:db8::7", nil)
+	recs, err = store.FindClient(context.Background(), h.Store, mustPrefix("2001:db8::/64"))
+	if err != nil || len(recs) != 2 || recs[0].Key != "policyd:{2001:db8::/64}:counter:0:script:key=rcpts" {
+		t.Fatalf("the IPv6 client's records: %+v %v", recs, err)
+	}
 }
 
 // The forbidden globals are absent; the allowed libraries are there.
@@ -231,6 +274,19 @@ func TestBudgetsAndErrors(t *testing.T) {
 		{"doubling string.format", `local s = "x" for i = 1, 40 do s = string.format("%s%s", s, s) end`, "string.format: the result would exceed 1048576 bytes|stopped after its budget"},
 		{"doubling gsub", `local s = "xx" for i = 1, 40 do s = s:gsub(".", "%0%0") end`, "string.gsub: the result would exceed 1048576 bytes|stopped after its budget"},
 		{"concatenating nil", `local s = "x" .. nil`, "attempt to concatenate a nil value"},
+		// One call each that would build gigabytes or run for minutes.
+		{"backtracking find", `local s = string.rep("a", 400) s:find(".-.-.-.-.-b")`, "stopped after its budget"},
+		{"backtracking gmatch", `for w in string.rep("a", 400):gmatch(".-.-.-.-.-b") do end`, "stopped after its budget"},
+		{"backtracking gsub", `string.rep("a", 400):gsub(".-.-.-.-.-b", "")`, "stopped after its budget"},
+		{"pattern too deep", `string.rep("a", 300):find(string.rep("a?", 300))`, "pattern too complex"},
+		{"one huge gsub", `local s = string.rep("x", 1e6) s:gsub("", string.rep("y", 1e6))`, "string.gsub: the result would exceed 1048576 bytes"},
+		{"one huge gsub by captures", `local s = string.rep("x", 1e5) s:gsub("(.*)", string.rep("%1", 4e5))`, "string.gsub: the result would exceed 1048576 bytes"},
+		{"format width", `string.format("%0999999d", 1)`, "invalid format (width or precision too long)"},
+		{"one huge format", `local a = string.rep("x", 1e6) local f = string.rep("%s", 4000)
+		  local t = {} for i = 1, 4000 do t[i] = a end string.format(f, unpack(t))`, "string.format: the result would exceed 1048576 bytes"},
+		{"one huge table.concat", `local a = string.rep("x", 1e6) local t = {} for i = 1, 5000 do t[i] = a end table.concat(t)`, "table.concat: the result would exceed 1048576 bytes"},
+		{"huge unpack", `unpack({}, 1, 1e8)`, "too many results to unpack"},
+		{"store calls forever", `while true do store.incr("n", 60) end`, "store: more than 100 store calls in one hook call"},
 		{"unbounded table", "local t = {} local i = 0 while true do i = i + 1 t[i] = {i} end", "stopped"},
 		{"deep recursion", "local function f(n) return f(n + 1) + 1 end f(1)", "stack overflow"},
 		{"runtime error", `local x = nil; x.y = 1`, "plugins.d/hostile.lua:"},

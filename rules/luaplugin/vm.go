@@ -26,6 +26,33 @@ const MaxString = 1 << 20
 var forbidden = []string{"dofile", "loadfile", "load", "loadstring", "require", "module", "collectgarbage",
 	"getfenv", "setfenv", "newproxy", "_printregs", "print", "io", "os", "debug", "package", "channel", "coroutine"}
 
+// openSandbox opens the libraries a script may use, with the functions
+// that could outgrow a call's budget replaced by bounded ones.
+func openSandbox(L *lua.LState) {
+	for _, lib := range []struct {
+		name string
+		open lua.LGFunction
+	}{{lua.BaseLibName, lua.OpenBase}, {lua.TabLibName, lua.OpenTable}, {lua.StringLibName, lua.OpenString}, {lua.MathLibName, lua.OpenMath}} {
+		L.Push(L.NewFunction(lib.open))
+		L.Push(lua.LString(lib.name))
+		L.Call(1, 0)
+	}
+	for _, g := range forbidden {
+		L.SetGlobal(g, lua.LNil)
+	}
+	if str, ok := L.GetGlobal("string").(*lua.LTable); ok {
+		L.SetFuncs(str, map[string]lua.LGFunction{"rep": strRep, "find": strFind, "match": strMatch, "gmatch": strGmatch, "gsub": strGsub})
+		if fn, ok := str.RawGetString("format").(*lua.LFunction); ok && fn.IsG {
+			str.RawSetString("format", L.NewFunction(boundedFormat(fn)))
+		}
+	}
+	if tbl, ok := L.GetGlobal("table").(*lua.LTable); ok {
+		tbl.RawSetString("concat", L.NewFunction(tableConcat))
+	}
+	L.SetGlobal("unpack", L.NewFunction(unpack))
+	L.SetGlobal(concatName, L.NewFunction(concat))
+}
+
 // vm is one Lua state of an instance's pool, with what its API functions
 // need during a call.
 type vm struct {
@@ -40,37 +67,30 @@ type vm struct {
 	call        *budget
 	s           *rules.Session
 	storeErr    error
+	storeCalls  int
 	registering bool
+	// given are the notes userdata handed to the script during the call:
+	// cut loose at its end, so a global that kept one cannot reach
+	// another session's notes.
+	given []*lua.LUserData
 }
+
+// maxStoreCalls bounds a hook call's store calls. The script's clock
+// stops while one waits, so without it a loop of store calls would run
+// as long as the store answers; with it a hook waits at most
+// maxStoreCalls × --store-timeout, and maxStoreWait in all.
+const maxStoreCalls = 100
+
+// maxStoreWait bounds the wall-clock time a hook call spends in store
+// calls, however fast each one is.
+const maxStoreWait = time.Second
+
+var errStoreWait = fmt.Errorf("the hook's store calls waited past %v together", maxStoreWait)
 
 func (p *Plugin) newVM() (*vm, error) {
 	L := lua.NewState(lua.Options{SkipOpenLibs: true, CallStackSize: 200, RegistrySize: 1024, RegistryMaxSize: 64 * 1024})
 	v := &vm{p: p, L: L}
-	for _, lib := range []struct {
-		name string
-		open lua.LGFunction
-	}{{lua.BaseLibName, lua.OpenBase}, {lua.TabLibName, lua.OpenTable}, {lua.StringLibName, lua.OpenString}, {lua.MathLibName, lua.OpenMath}} {
-		L.Push(L.NewFunction(lib.open))
-		L.Push(lua.LString(lib.name))
-		L.Call(1, 0)
-	}
-	for _, g := range forbidden {
-		L.SetGlobal(g, lua.LNil)
-	}
-	if str, ok := L.GetGlobal("string").(*lua.LTable); ok {
-		str.RawSetString("rep", L.NewFunction(strRep))
-		for _, name := range []string{"format", "gsub"} {
-			if fn, ok := str.RawGetString(name).(*lua.LFunction); ok && fn.IsG {
-				str.RawSetString(name, L.NewFunction(bounded("string."+name, fn)))
-			}
-		}
-	}
-	if tbl, ok := L.GetGlobal("table").(*lua.LTable); ok {
-		if fn, ok := tbl.RawGetString("concat").(*lua.LFunction); ok && fn.IsG {
-			tbl.RawSetString("concat", L.NewFunction(bounded("table.concat", fn)))
-		}
-	}
-	L.SetGlobal(concatName, L.NewFunction(concat))
+	openSandbox(L)
 	for c := rules.Declined; c <= rules.DenySoftDisconnect; c++ {
 		L.SetGlobal(c.String(), lua.LNumber(c))
 	}
@@ -122,10 +142,16 @@ func loadError(err error, call *budget) string {
 }
 
 func (v *vm) begin(ctx context.Context, call *budget, s *rules.Session) {
-	v.ctx, v.call, v.s, v.storeErr = ctx, call, s, nil
+	v.ctx, v.call, v.s, v.storeErr, v.storeCalls = ctx, call, s, nil, 0
 }
 
-func (v *vm) end() { v.ctx, v.call, v.s = nil, nil, nil }
+func (v *vm) end() {
+	v.ctx, v.call, v.s = nil, nil, nil
+	for _, ud := range v.given {
+		ud.Value = nil
+	}
+	v.given = v.given[:0]
+}
 
 // answer reads a hook's return values: an answer constant (nil is
 // DECLINED) and an optional text.
@@ -162,6 +188,9 @@ func (v *vm) sessionValue(s *rules.Session) lua.LValue {
 		t.RawSetString("remote_ip", lua.LString(s.Client.String()))
 	}
 	t.RawSetString("remote_port", lua.LNumber(s.ClientPort))
+	if s.Local.IsValid() {
+		t.RawSetString("local_ip", lua.LString(s.Local.String()))
+	}
 	if s.ClientName != "" && s.ClientName != "unknown" {
 		t.RawSetString("remote_host", lua.LString(s.ClientName))
 	}
@@ -206,11 +235,21 @@ func (v *vm) notes(n *rules.Notes) lua.LValue {
 	ud := v.L.NewUserData()
 	ud.Value = n
 	ud.Metatable = v.notesMeta
+	v.given = append(v.given, ud)
 	return ud
 }
 
+// notesOf is the notes behind a notes userdata, while its call lasts.
+func notesOf(L *lua.LState) *rules.Notes {
+	n, ok := L.CheckUserData(1).Value.(*rules.Notes)
+	if !ok {
+		L.RaiseError("these notes belonged to an earlier hook call: read s.notes and s.txn.notes anew in each hook")
+	}
+	return n
+}
+
 func notesGet(L *lua.LState) int {
-	n := L.CheckUserData(1).Value.(*rules.Notes)
+	n := notesOf(L)
 	switch x := n.Get(L.CheckString(2)).(type) {
 	case nil:
 		L.Push(lua.LNil)
@@ -235,7 +274,7 @@ func notesGet(L *lua.LState) int {
 // notesSet stores strings, numbers and booleans as Go values a Go rule
 // reads back as such (a number as float64, an integral one as int64).
 func notesSet(L *lua.LState) int {
-	n := L.CheckUserData(1).Value.(*rules.Notes)
+	n := notesOf(L)
 	key := L.CheckString(2)
 	switch x := L.Get(3).(type) {
 	case *lua.LNilType:
@@ -284,11 +323,9 @@ func (v *vm) storeKey(L *lua.LState, k string) string {
 			continue
 		}
 		if a, err := netip.ParseAddr(head); err == nil {
-			a = a.Unmap()
-			if a.Is4() {
-				return v.p.keys.Client(a, "script", store.ValueSeg("key", rest))
-			}
-			return v.p.keys.Under(netip.PrefixFrom(a, 128), "script", store.ValueSeg("key", rest))
+			// Filed as every rule files a client (an IPv6 one under its
+			// network), so inspect and forget of the client find it.
+			return v.p.keys.Client(a.Unmap(), "script", store.ValueSeg("key", rest))
 		}
 		if p, err := netip.ParsePrefix(head); err == nil {
 			return v.p.keys.Under(p.Masked(), "script", store.ValueSeg("key", rest))
@@ -302,6 +339,9 @@ func (v *vm) storeKey(L *lua.LState, k string) string {
 func (v *vm) storeCall(L *lua.LState, op func(ctx context.Context) error) {
 	if v.ctx == nil || v.registering {
 		L.RaiseError("store.* is for hooks, not for the file's top level or register")
+	}
+	if v.storeCalls++; v.storeCalls > maxStoreCalls {
+		L.RaiseError("store: more than %d store calls in one hook call", maxStoreCalls)
 	}
 	v.call.pause()
 	err := op(v.ctx)
