@@ -1,8 +1,10 @@
 package memory
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"strconv"
 	"strings"
 	"sync"
@@ -322,5 +324,67 @@ func TestHugeTTLDoesNotExpire(t *testing.T) {
 	}
 	if n, err := s.Incr(ctx, k, 1, 0); err != nil || n != 2 {
 		t.Fatalf("Incr = %d, %v; want 2", n, err)
+	}
+}
+
+// An admin scan gives the shard's lock back every scanSlice records, and
+// still finds every record that lives through it exactly once, whatever
+// the mail path writes, rewrites (to a larger value, which moves the
+// record) and deletes between two holds.
+func TestScanReleasesShardLock(t *testing.T) {
+	ctx := context.Background()
+	s := New(Options{Shards: 1, SweepInterval: -1})
+	defer s.Close()
+	const n = 5000
+	key := func(i int) string { return fmt.Sprintf("policyd:{192.0.2.%d}:r%05d", i%250, i) }
+	for i := range n {
+		if err := s.Set(ctx, key(i), []byte("v"), 0); err != nil {
+			t.Fatal(err)
+		}
+	}
+	pauses := 0
+	scanPause = func(int) {
+		// Taking the lock here would deadlock were it still held.
+		pauses++
+		for j := range 200 {
+			i := (pauses*200 + j) % n
+			if i%10 == 0 {
+				continue // the keys that must be found: never touched
+			}
+			switch j % 3 {
+			case 0:
+				s.Set(ctx, key(i), bytes.Repeat([]byte("x"), 40+pauses), 0)
+			case 1:
+				s.Delete(ctx, key(i))
+			default:
+				s.Set(ctx, fmt.Sprintf("policyd:{192.0.2.1}:new%d-%d", pauses, j), []byte("v"), 0)
+			}
+		}
+	}
+	defer func() { scanPause = nil }()
+	keys, err := s.Scan(ctx, "policyd:")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pauses < n/scanSlice {
+		t.Fatalf("the scan let go of the shard %d times for %d records", pauses, n)
+	}
+	seen := map[string]int{}
+	for _, k := range keys {
+		seen[k]++
+		if seen[k] > 1 {
+			t.Fatalf("%s twice", k)
+		}
+	}
+	for i := 0; i < n; i += 10 {
+		if seen[key(i)] != 1 {
+			t.Fatalf("%s, untouched during the scan, was not found", key(i))
+		}
+	}
+	// Everything found is there now or was deleted during the scan.
+	for _, k := range keys {
+		if _, ok, _ := s.Get(ctx, k); !ok && !strings.Contains(k, ":r") {
+			t.Fatalf("%s found but never written", k)
+		}
 	}
 }

@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"time"
 
@@ -347,31 +348,60 @@ func (s *Store) Scan(ctx context.Context, prefix string) ([]string, error) {
 	now := s.nowNanos()
 	var out []string
 	// One buffer for every key: a scan of millions of records allocates
-	// only for the keys it returns, so it holds each shard's lock for
-	// as short a walk as the shard allows.
+	// only for the keys it returns.
 	buf := make([]byte, 0, 128)
 	for i := range s.shards {
-		if err := ctx.Err(); err != nil {
-			return nil, fmt.Errorf("memory scan: %w", err)
+		var err error
+		if out, buf, err = s.scanShard(ctx, i, prefix, now, out, buf); err != nil {
+			return nil, err
 		}
-		sh := &s.shards[i]
+	}
+	// A record rewritten during the scan may be met twice.
+	sort.Strings(out)
+	return slices.Compact(out), nil
+}
+
+// scanSlice is how many records a scan walks per hold of a shard's lock:
+// the mail path waits at most that long for a shard an admin scans.
+const scanSlice = 512
+
+// scanPause, when set (by tests), runs between two holds of a shard's lock.
+var scanPause func(shard int)
+
+func (s *Store) scanShard(ctx context.Context, i int, prefix string, now int64, out []string, buf []byte) ([]string, []byte, error) {
+	sh := &s.shards[i]
+	sh.mu.Lock()
+	sh.t.scanning++
+	sh.mu.Unlock()
+	defer func() {
+		sh.mu.Lock()
+		sh.t.scanning--
+		sh.t.maybeCompact()
+		sh.mu.Unlock()
+	}()
+	for off := 0; ; {
+		if err := ctx.Err(); err != nil {
+			return out, buf, fmt.Errorf("memory scan: %w", err)
+		}
 		sh.mu.Lock()
 		if s.closed.Load() {
 			sh.mu.Unlock()
-			return nil, fmt.Errorf("memory scan: %w", errClosed)
+			return out, buf, fmt.Errorf("memory scan: %w", errClosed)
 		}
-		sh.t.all(func(packed []byte, expires int64, _ func() entry) {
-			if expires != 0 && now >= expires {
-				return
-			}
-			if buf = sh.t.codec.appendKey(buf[:0], packed); bytes.HasPrefix(buf, []byte(prefix)) {
-				out = append(out, string(buf))
+		off, buf = sh.t.walkFrom(off, scanSlice, buf, func(key []byte, expires int64) {
+			if (expires == 0 || now < expires) && bytes.HasPrefix(key, []byte(prefix)) {
+				out = append(out, string(key))
 			}
 		})
+		done := off >= sh.t.top
 		sh.mu.Unlock()
+		if done {
+			return out, buf, nil
+		}
+		if scanPause != nil {
+			scanPause(i)
+		}
 	}
-	sort.Strings(out)
-	return out, nil
 }
 
 // Inspect implements store.Store.

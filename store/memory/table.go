@@ -61,6 +61,10 @@ type table struct {
 	// holdCompaction keeps put from compacting, so that what reserve
 	// made room for stays there until the caller is done.
 	holdCompaction bool
+
+	// scanning counts the admin scans walking the arena between lock
+	// holds: compaction, which moves records, waits until they are done.
+	scanning int
 }
 
 const (
@@ -439,7 +443,7 @@ func (t *table) tidy() {
 }
 
 func (t *table) maybeCompact() {
-	if t.dead < compactMin || t.dead*4 < t.top {
+	if t.scanning > 0 || t.dead < compactMin || t.dead*4 < t.top {
 		return
 	}
 	live := t.top - t.dead
@@ -465,6 +469,26 @@ func (t *table) sweep(now int64) int {
 		t.tidy()
 	}
 	return removed
+}
+
+// walkFrom calls fn with the live records of at most n records of the
+// arena from offset off, and returns the offset to go on from (t.top or
+// more when the walk is done). Offsets stay valid across lock holds while
+// t.scanning keeps compaction away: records are only ever appended, and a
+// record that was replaced or removed is dead, told by the index no
+// longer pointing at it. buf is scratch for the key.
+func (t *table) walkFrom(off, n int, buf []byte, fn func(key []byte, expires int64)) (int, []byte) {
+	for ; off < t.top && n > 0; n-- {
+		size := t.sizeAt(off)
+		packed := t.keyAt(off)
+		buf = t.codec.appendKey(buf[:0], packed)
+		h := uint32(maphash.Bytes(t.seed, buf) >> 32)
+		if pos, found := t.find(h, packed); found && offOf(t.slots[pos]) == off {
+			fn(buf, t.expiresAt(off))
+		}
+		off += size
+	}
+	return off, buf
 }
 
 // all calls fn with every record's packed key (valid during the call
