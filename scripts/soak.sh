@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # make soak: mixed policy and milter load against policyd on a private
 # Redis for SOAK_DURATION (default 10m); Redis is stopped at 40 % of the
-# run and started again at 50 %. Reports policyd's RSS, goroutines and
-# open descriptors at the start, the middle and the end, and whether they
-# stayed flat.
+# run and started again at 50 %; hostile milter clients flood headers
+# (70-78 %) and macros (80-88 %) beside the load. Reports policyd's RSS,
+# goroutines and open descriptors at the start, the middle, under each
+# flood and at the end, and whether they stayed flat.
 #
 # Flat means: at the end, and in the middle, each figure is at most
 # 20 % above its value at the start, plus a small allowance for what is in
@@ -70,6 +71,23 @@ start_redis
 echo "$(date -u +%T) redis started again" >&2
 at 65
 sample middle
+# flood KIND: hostile milter clients for 8 % of the run, beside the load.
+flood() {
+	"$work/policyload" -proto milter -addr "$pd_milter" -flood "$1" -c 4 -duration "$((secs * 8 / 100 + 1))s" \
+		-json >"$work/flood-$1.json" &
+	pids+=("$!")
+	flood_pid=$!
+}
+at 70
+flood headers
+at 76
+sample "header flood"
+wait "$flood_pid"
+at 80
+flood macros
+at 86
+sample "macro flood"
+wait "$flood_pid"
 at 95
 sample end
 wait "$lp" "$lm"
@@ -87,22 +105,37 @@ verdict() {
 		echo "| $what | ${v[start]} | ${v[redis down]} | ${v[middle]} | ${v[end]} | **grew** |"
 	fi
 }
-for k in start "redis down" middle end; do rss[$k]=$(mib "${rss[$k]}"); done
+for k in start "redis down" middle "header flood" "macro flood" end; do rss[$k]=$(mib "${rss[$k]}"); done
+# Under a flood RSS may hold what the floods have in flight: 4
+# connections, each a 64 KiB packet buffer and 64 KiB of macros, and the
+# socket buffers; 32 MiB over the start's allowance is far more than that
+# and far less than one flood kept (4 connections took 3 GB before the
+# guard refused headers).
+flood_verdict() {
+	local s=${rss[start]} ok=bounded
+	for k in "header flood" "macro flood"; do
+		flat "$s" "${rss[$k]}" 48 || ok="**grew**"
+	done
+	echo "| RSS under floods (MiB) | $s | headers ${rss[header flood]} | macros ${rss[macro flood]} | | $ok |"
+}
 
 cat <<EOF
-# Soak: $dur of mixed load on policyd with Redis, Redis down from 40 to 50 %
+# Soak: $dur of mixed load on policyd with Redis, Redis down from 40 to 50 %, milter floods at 70 and 80 %
 
 policy c=$pc and milter c=$mc at once, $clients distinct clients, chain
 whitelist, connection_shaper, client_stats, deny_repeat_offenders
 (thresholds out of reach: nothing is refused). Samples at 25 % (start,
 after the warm-up), 45 % (Redis down), 65 % (middle, Redis back for 15 %
-of the run) and 95 % (end) of the run.
+of the run), 76 % (4 hostile milter clients sending header packets
+policyd never negotiated, 60 kB each, since 70 %), 86 % (4 sending a new
+60 kB macro before each of 256 HELOs, since 80 %) and 95 % (end).
 
 | | start | Redis down | middle | end | |
 |---|---|---|---|---|---|
 $(verdict "RSS (MiB)" 16 rss)
 $(verdict goroutines "$allow_n" gor)
 $(verdict "open fds" "$allow_n" fds)
+$(flood_verdict)
 | policy sessions tracked | ${sess[start]} | ${sess[redis down]} | ${sess[middle]} | ${sess[end]} | bounded by --policy-max-sessions |
 
 Flat: middle and end ≤ 1.2 × start + allowance (16 MiB; $allow_n goroutines
@@ -119,6 +152,9 @@ Policyd $( [ "${ops[end]}" -gt "${ops[middle]}" ] && echo "used Redis again afte
 | load | rate | p50 (ms) | p99 (ms) | max (ms) | errors | answers |
 |---|---|---|---|---|---|---|
 EOF
+for f in headers macros; do
+	jq -r --arg f "$f" '"| \($f) flood (per connection) | \(.rate|floor)/s | \(.latency.p50_us/10|round/100) | \(.latency.p99_us/10|round/100) | \(.latency.max_us/10|round/100) | \(.errors) \(.error_samples // [] | join("; ")) | \(.answers | to_entries | map("\(.key) \(.value)") | join(", ")) |"' "$work/flood-$f.json"
+done
 for p in policy milter; do
 	jq -r --arg p "$p" '"| \($p) (per \(.unit)) | \(.rate|floor)/s | \(.latency.p50_us/10|round/100) | \(.latency.p99_us/10|round/100) | \(.latency.max_us/10|round/100) | \(.errors) \(.error_samples // [] | join("; ")) | \(.answers | to_entries | map("\(.key) \(.value)") | join(", ")) |"' "$work/$p.json"
 done

@@ -21,6 +21,7 @@ type config struct {
 	body        []byte
 	seed        uint64
 	gen         *sessionGen
+	flood       string // milter: a hostile flood instead of sessions (flood.go)
 }
 
 // worker plays sessions until ctx ends or the pool is done (-fill).
@@ -32,7 +33,10 @@ func runLoad(ctx context.Context, cfg *config) (*recorder, time.Duration) {
 	ctx, cancel := context.WithTimeout(ctx, cfg.duration)
 	defer cancel()
 	w := policyWorker(cfg)
-	if cfg.proto == "milter" {
+	switch {
+	case cfg.flood != "":
+		w = floodWorker(cfg)
+	case cfg.proto == "milter":
 		w = milterWorker(cfg)
 	}
 	recs := make([]*recorder, cfg.concurrency)

@@ -14,6 +14,8 @@ import (
 	"net"
 	"os"
 	"os/signal"
+	"slices"
+	"strings"
 	"syscall"
 	"time"
 )
@@ -44,6 +46,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	serveBase := fs.Bool("serve-baseline", false, "serve the no-op server of -proto, print its address, run until stdin closes (what -baseline starts)")
 	timeout := fs.Duration("timeout", 10*time.Second, "bound on each dial, read and write")
 	seed := fs.Uint64("seed", 1, "random seed: the same seed gives the same sessions")
+	flood := fs.String("flood", "", "milter: instead of sessions, a hostile flood: "+strings.Join(floods, " or ")+" (for make soak)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return 0
@@ -58,6 +61,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintln(stderr, "policyload:", err)
 		return 2
+	}
+	if *flood != "" {
+		if cfg.proto != "milter" || !slices.Contains(floods, *flood) {
+			fmt.Fprintf(stderr, "policyload: -flood %q: a milter flood, %s\n", *flood, strings.Join(floods, " or "))
+			return 2
+		}
+		cfg.flood = *flood
 	}
 	if *serveBase {
 		if err := serveBaseline(ctx, cfg.proto, os.Stdin, stdout); err != nil {
