@@ -53,6 +53,9 @@ type Registry struct {
 
 	decisions  *prometheus.CounterVec
 	hookDur    *prometheus.HistogramVec
+	// hookObs caches hookDur's observers per protocol and hook: a label
+	// lookup per hook call was a visible share of a policy request.
+	hookObs sync.Map // protocol string → *[hookSlots]prometheus.Observer
 	ruleErrors *prometheus.CounterVec
 	panics     *prometheus.CounterVec
 	reloads    *prometheus.CounterVec
@@ -285,8 +288,23 @@ func (r *Registry) Decision(protocol string, h rules.Hook, rule string, c rules.
 
 // HookDuration observes one run of a hook (rules.Metrics).
 func (r *Registry) HookDuration(protocol string, h rules.Hook, d time.Duration) {
-	r.hookDur.WithLabelValues(protocol, h.String()).Observe(d.Seconds())
+	if int(h) >= hookSlots {
+		r.hookDur.WithLabelValues(protocol, h.String()).Observe(d.Seconds())
+		return
+	}
+	obs, ok := r.hookObs.Load(protocol)
+	if !ok {
+		var all [hookSlots]prometheus.Observer
+		for i := range all {
+			all[i] = r.hookDur.WithLabelValues(protocol, rules.Hook(i).String())
+		}
+		obs, _ = r.hookObs.LoadOrStore(protocol, &all)
+	}
+	obs.(*[hookSlots]prometheus.Observer)[h].Observe(d.Seconds())
 }
+
+// hookSlots covers the hooks a chain times (observers are not timed).
+const hookSlots = int(rules.HookDisconnect) + 1
 
 // Buckets of policyd_<rule>_delay_seconds: spamthrottle's pacing, from a
 // few milliseconds to minutes (its stmax).

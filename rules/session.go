@@ -71,24 +71,49 @@ func (s *Session) Begin(id string) *Transaction {
 // of every caller.
 type Notes struct {
 	mu sync.Mutex
-	m  map[string]any
+	// A session holds a handful of notes: a short list costs less to
+	// make and to search than a map, and every session makes one.
+	kv []note
 }
 
-// Set stores v under key.
+type note struct {
+	key string
+	v   any
+}
+
+// Set stores v under key; nil removes it.
 func (n *Notes) Set(key string, v any) {
 	n.mu.Lock()
-	if n.m == nil {
-		n.m = make(map[string]any, 4)
+	defer n.mu.Unlock()
+	for i := range n.kv {
+		if n.kv[i].key == key {
+			if v == nil {
+				n.kv = append(n.kv[:i], n.kv[i+1:]...)
+			} else {
+				n.kv[i].v = v
+			}
+			return
+		}
 	}
-	n.m[key] = v
-	n.mu.Unlock()
+	if v == nil {
+		return
+	}
+	if n.kv == nil {
+		n.kv = make([]note, 0, 4)
+	}
+	n.kv = append(n.kv, note{key, v})
 }
 
 // Get returns the value under key, or nil.
 func (n *Notes) Get(key string) any {
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	return n.m[key]
+	for i := range n.kv {
+		if n.kv[i].key == key {
+			return n.kv[i].v
+		}
+	}
+	return nil
 }
 
 // Bool returns the value under key if it is a bool, else false.

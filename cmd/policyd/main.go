@@ -114,6 +114,7 @@ type options struct {
 	stateDir     string
 	stateMaxLoss memory.LossLimit
 	storeTimeout time.Duration
+	redisBatch   bool
 	onStoreError string
 	adminToken   string
 	dryRun       bool
@@ -151,6 +152,7 @@ func (o *options) register(fs *flag.FlagSet) {
 		return err
 	})
 	fs.DurationVar(&o.storeTimeout, "store-timeout", redisstore.DefaultTimeout, "bound on every store call")
+	fs.BoolVar(&o.redisBatch, "redis-batch", true, "Redis: coalesce concurrent sessions' commands into shared pipelines (false: one round trip per command)")
 	fs.StringVar(&o.onStoreError, "on-store-error", "continue", "answer when the store fails: continue or tempfail")
 	fs.StringVar(&o.adminToken, "admin-token-file", "", "bearer token file for the admin API")
 	fs.BoolVar(&o.dryRun, "dry-run", false, "decide, log and count everything, but tell the MTA to continue")

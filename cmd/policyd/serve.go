@@ -125,7 +125,7 @@ func openStore(o options) (store.Store, error) {
 		// (and fails at once while its breaker is open). An unreachable Redis does not
 		// stop start-up: mail flows per --on-store-error until it is back.
 		redisstore.SetClientLogger(slog.Default())
-		st, err := redisstore.Open(o.storeURL, redisstore.Options{Timeout: o.storeTimeout, Logger: slog.Default(), MigrateKeys: true})
+		st, err := redisstore.Open(o.storeURL, redisstore.Options{Timeout: o.storeTimeout, Logger: slog.Default(), MigrateKeys: true, Batch: o.redisBatch})
 		if err != nil {
 			return nil, err
 		}

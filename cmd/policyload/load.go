@@ -22,6 +22,9 @@ type config struct {
 	seed        uint64
 	gen         *sessionGen
 	flood       string // milter: a hostile flood instead of sessions (flood.go)
+	// connPerRequest: policy, each request on a connection of its own,
+	// half-closed after the request, as Exim's ${readsocket} asks.
+	connPerRequest bool
 }
 
 // worker plays sessions until ctx ends or the pool is done (-fill).
@@ -82,7 +85,13 @@ func policyWorker(cfg *config) worker {
 				return "", errStop
 			}
 			t0 := time.Now()
-			a, err := pc.ask(req)
+			var a string
+			var err error
+			if cfg.connPerRequest {
+				a, err = askOnce(cfg.addr, cfg.timeout, req)
+			} else {
+				a, err = pc.ask(req)
+			}
 			if err != nil {
 				return "", err
 			}
@@ -93,7 +102,7 @@ func policyWorker(cfg *config) worker {
 			return a, nil
 		}
 		for ctx.Err() == nil {
-			if pc == nil {
+			if pc == nil && !cfg.connPerRequest {
 				var err error
 				if pc, err = dialPolicy(cfg.addr, cfg.timeout); err != nil {
 					rec.fail(err)
@@ -113,8 +122,10 @@ func policyWorker(cfg *config) worker {
 					return // cut by the end of the run, not a failure
 				}
 				rec.fail(err)
-				pc.close()
-				pc = nil
+				if pc != nil {
+					pc.close()
+					pc = nil
+				}
 			default:
 				rec.sessions++
 			}

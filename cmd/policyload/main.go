@@ -46,6 +46,7 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	serveBase := fs.Bool("serve-baseline", false, "serve the no-op server of -proto, print its address, run until stdin closes (what -baseline starts)")
 	timeout := fs.Duration("timeout", 10*time.Second, "bound on each dial, read and write")
 	seed := fs.Uint64("seed", 1, "random seed: the same seed gives the same sessions")
+	connPerReq := fs.Bool("conn-per-request", false, "policy: each request on a connection of its own, half-closed after it (Exim's ${readsocket})")
 	flood := fs.String("flood", "", "milter: instead of sessions, a hostile flood: "+strings.Join(floods, " or ")+" (for make soak)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
@@ -61,6 +62,13 @@ func run(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	if err != nil {
 		fmt.Fprintln(stderr, "policyload:", err)
 		return 2
+	}
+	if *connPerReq {
+		if cfg.proto != "policy" {
+			fmt.Fprintln(stderr, "policyload: -conn-per-request is for -proto policy")
+			return 2
+		}
+		cfg.connPerRequest = true
 	}
 	if *flood != "" {
 		if cfg.proto != "milter" || !slices.Contains(floods, *flood) {

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"errors"
 	"fmt"
+	"io"
 	"net"
 	"strconv"
 	"strings"
@@ -234,3 +235,33 @@ func readReply(br *bufio.Reader) (string, error) {
 }
 
 func (c *policyConn) close() { c.nc.Close() }
+
+// askOnce asks one request on a connection of its own, as Exim's
+// ${readsocket} does: connect, send, half-close, read until the server
+// closes.
+func askOnce(addr string, timeout time.Duration, req []byte) (string, error) {
+	nc, err := net.DialTimeout("tcp", addr, timeout)
+	if err != nil {
+		return "", fmt.Errorf("policy dial %s: %w", addr, err)
+	}
+	defer nc.Close()
+	if err := nc.SetDeadline(time.Now().Add(timeout)); err != nil {
+		return "", fmt.Errorf("policy deadline: %w", err)
+	}
+	if _, err := nc.Write(req); err != nil {
+		return "", fmt.Errorf("policy write: %w", err)
+	}
+	if err := nc.(*net.TCPConn).CloseWrite(); err != nil {
+		return "", fmt.Errorf("policy half-close: %w", err)
+	}
+	br := bufio.NewReaderSize(nc, 512)
+	a, err := readReply(br)
+	if err != nil {
+		return "", err
+	}
+	// The server closes once it has answered.
+	if _, err := br.ReadByte(); !errors.Is(err, io.EOF) {
+		return "", fmt.Errorf("policy: the server did not close after its answer (%v)", err)
+	}
+	return a, nil
+}

@@ -40,10 +40,10 @@ func (s *Store) Incr(ctx context.Context, key string, delta int64, ttl time.Dura
 	err := s.call(ctx, "incr", key, func(ctx context.Context) error {
 		if ttl <= 0 {
 			var err error
-			n, err = s.c.IncrBy(ctx, key, delta).Result()
+			n, err = s.mail.IncrBy(ctx, key, delta).Result()
 			return err
 		}
-		v, err := incrScript.Run(ctx, s.c, []string{key}, delta, ms(ttl)).Text()
+		v, err := incrScript.Run(ctx, s.mail, []string{key}, delta, ms(ttl)).Text()
 		if err != nil {
 			return err
 		}
@@ -58,7 +58,7 @@ func (s *Store) Get(ctx context.Context, key string) ([]byte, bool, error) {
 	var v []byte
 	err := s.call(ctx, "get", key, func(ctx context.Context) error {
 		var err error
-		v, err = s.c.Get(ctx, key).Bytes()
+		v, err = s.mail.Get(ctx, key).Bytes()
 		return err
 	})
 	if errors.Is(err, goredis.Nil) {
@@ -74,7 +74,7 @@ func (s *Store) Get(ctx context.Context, key string) ([]byte, bool, error) {
 func (s *Store) Set(ctx context.Context, key string, value []byte, ttl time.Duration) error {
 	return s.call(ctx, "set", key, func(ctx context.Context) error {
 		// Not ttl itself: go-redis reads -1 as KEEPTTL.
-		return s.c.Set(ctx, key, value, msDuration(ttl)).Err()
+		return s.mail.Set(ctx, key, value, msDuration(ttl)).Err()
 	})
 }
 
@@ -84,7 +84,7 @@ func (s *Store) SetNX(ctx context.Context, key string, value []byte, ttl time.Du
 	var cur string
 	err := s.call(ctx, "setnx", key, func(ctx context.Context) error {
 		var err error
-		cur, err = s.c.SetArgs(ctx, key, value, goredis.SetArgs{Mode: "NX", Get: true, TTL: msDuration(ttl)}).Result()
+		cur, err = s.mail.SetArgs(ctx, key, value, goredis.SetArgs{Mode: "NX", Get: true, TTL: msDuration(ttl)}).Result()
 		return err
 	})
 	if errors.Is(err, goredis.Nil) {
@@ -104,14 +104,14 @@ func (s *Store) Delete(ctx context.Context, keys ...string) error {
 	}
 	return s.call(ctx, "delete", keys[0], func(ctx context.Context) error {
 		if store.SameTag(keys...) == nil {
-			return s.c.Del(ctx, keys...).Err()
+			return s.mail.Del(ctx, keys...).Err()
 		}
 		groups := map[string][]string{}
 		for _, k := range keys {
 			tag := store.HashTag(k)
 			groups[tag] = append(groups[tag], k)
 		}
-		_, err := s.c.Pipelined(ctx, func(p goredis.Pipeliner) error {
+		_, err := s.mail.Pipelined(ctx, func(p goredis.Pipeliner) error {
 			for _, g := range groups {
 				p.Del(ctx, g...)
 			}
@@ -143,7 +143,7 @@ func (s *Store) HIncr(ctx context.Context, ttl time.Duration, incs ...store.Fiel
 		return fmt.Errorf("redis hincr: %w", err)
 	}
 	return s.call(ctx, "hincr", keys[0], func(ctx context.Context) error {
-		return hincrScript.Run(ctx, s.c, keys, args...).Err()
+		return hincrScript.Run(ctx, s.mail, keys, args...).Err()
 	})
 }
 
@@ -158,14 +158,14 @@ func (s *Store) HGet(ctx context.Context, keys ...string) ([]map[string]int64, e
 	out := make([]map[string]int64, len(keys))
 	err := s.call(ctx, "hget", keys[0], func(ctx context.Context) error {
 		if len(keys) == 1 {
-			m, err := s.c.HGetAll(ctx, keys[0]).Result()
+			m, err := s.mail.HGetAll(ctx, keys[0]).Result()
 			if err != nil {
 				return err
 			}
 			out[0], err = intFields(m)
 			return err
 		}
-		v, err := hgetScript.Run(ctx, s.c, keys).Slice()
+		v, err := hgetScript.Run(ctx, s.mail, keys).Slice()
 		if err != nil {
 			return err
 		}
@@ -231,7 +231,7 @@ func (s *Store) Tally(ctx context.Context, key string, now time.Time, quiet, ttl
 	var n int64
 	err := s.call(ctx, "tally", key, func(ctx context.Context) error {
 		var err error
-		n, err = tallyScript.Run(ctx, s.c, []string{key}, now.UnixMilli(), quiet.Milliseconds(), ms(ttl)).Int64()
+		n, err = tallyScript.Run(ctx, s.mail, []string{key}, now.UnixMilli(), quiet.Milliseconds(), ms(ttl)).Int64()
 		return err
 	})
 	return n, err
@@ -254,7 +254,7 @@ func (s *Store) Limit(ctx context.Context, key string, now time.Time, rates ...s
 			interval := float64(r.Period.Microseconds()) / float64(r.Limit)
 			args = append(args, r.Field, strconv.FormatFloat(interval, 'g', -1, 64), r.Cost, r.Limit)
 		}
-		v, err := limitScript.Run(ctx, s.c, []string{key}, args...).Int64Slice()
+		v, err := limitScript.Run(ctx, s.mail, []string{key}, args...).Int64Slice()
 		if err != nil {
 			return err
 		}
@@ -273,7 +273,7 @@ func (s *Store) Acquire(ctx context.Context, key, member string, limit int64, no
 	var held int64
 	err := s.call(ctx, "acquire", key, func(ctx context.Context) error {
 		nowMS := now.UnixMilli()
-		v, err := acquireScript.Run(ctx, s.c, []string{key}, member, limit, nowMS, nowMS+lease.Milliseconds(), ms(lease)).Int64Slice()
+		v, err := acquireScript.Run(ctx, s.mail, []string{key}, member, limit, nowMS, nowMS+lease.Milliseconds(), ms(lease)).Int64Slice()
 		if err != nil {
 			return err
 		}
@@ -289,7 +289,7 @@ func (s *Store) Acquire(ctx context.Context, key, member string, limit int64, no
 // Release implements store.Store.
 func (s *Store) Release(ctx context.Context, key, member string) error {
 	return s.call(ctx, "release", key, func(ctx context.Context) error {
-		return s.c.ZRem(ctx, key, member).Err()
+		return s.mail.ZRem(ctx, key, member).Err()
 	})
 }
 

@@ -47,6 +47,13 @@ type Options struct {
 	// PoolSize is the number of connections per server; 0 means go-redis's
 	// default (10 per CPU).
 	PoolSize int
+	// Batch coalesces the mail path's commands of concurrent sessions into
+	// shared pipelines (go-redis's autopipelining): one write and one read
+	// carry many sessions' commands, instead of one of each per command.
+	// A queued command no longer heeds its context: its batch is bounded
+	// by the client's read and write timeouts (Timeout), so a call waits
+	// for at most the batch before it and its own.
+	Batch bool
 	// MigrateKeys runs MigrateKeys once in the background when Redis
 	// answers at Open (the daemon sets it; tests that count commands do not).
 	MigrateKeys bool
@@ -82,7 +89,11 @@ func (o *Options) defaults() {
 
 // Store is the Redis backend. It is safe for concurrent use.
 type Store struct {
-	c      goredis.UniversalClient
+	c goredis.UniversalClient
+	// mail runs the mail path's commands: c, or with Options.Batch the
+	// autopipeliner over it (ap).
+	mail   goredis.Cmdable
+	ap     *goredis.AutoPipeliner
 	cc     *goredis.ClusterClient // the same client when on a Cluster, else nil
 	target Target
 	opt    Options
@@ -129,6 +140,18 @@ func Open(url string, opts Options) (*Store, error) {
 	}
 	s.life, s.end = context.WithCancel(context.Background())
 	s.cc, _ = s.c.(*goredis.ClusterClient)
+	s.mail = s.c
+	if opts.Batch {
+		// Batches run concurrently and unordered: a session waits for
+		// each answer before it sends the next command, so only another
+		// session's commands could be reordered, and they are unrelated.
+		ap, err := autoPipeliner(s.c, &goredis.AutoPipelineOptions{MaxConcurrentBatches: 4, Unordered: true})
+		if err != nil {
+			s.c.Close()
+			return nil, fmt.Errorf("redis batching: %w", err)
+		}
+		s.ap, s.mail = ap, ap
+	}
 	s.main = &breaker{check: s.checkAll}
 
 	ctx, cancel := context.WithTimeout(context.Background(), opts.DialTimeout)
@@ -185,6 +208,16 @@ func newClient(t Target, o Options) goredis.UniversalClient {
 	return goredis.NewUniversalClient(uo)
 }
 
+func autoPipeliner(c goredis.UniversalClient, o *goredis.AutoPipelineOptions) (*goredis.AutoPipeliner, error) {
+	switch c := c.(type) {
+	case *goredis.Client:
+		return c.AutoPipelineWithOptions(o)
+	case *goredis.ClusterClient:
+		return c.AutoPipelineWithOptions(o)
+	}
+	return nil, fmt.Errorf("no batching for a %T", c)
+}
+
 // Healthy reports whether every breaker is closed: Redis (each Cluster
 // master) answered the last calls. For /readyz.
 func (s *Store) Healthy() bool {
@@ -217,6 +250,9 @@ func (s *Store) Close() error {
 		s.mu.Unlock()
 		s.end()
 		s.probes.Wait()
+		if s.ap != nil {
+			s.ap.Close()
+		}
 		err = s.c.Close()
 	})
 	if err != nil {

@@ -52,12 +52,16 @@ func (w tlogWriter) Write(p []byte) (int, error) {
 func TestContract(t *testing.T) {
 	var wg sync.WaitGroup
 	for _, tc := range []struct {
-		name string
-		url  func(t *testing.T) string
+		name  string
+		url   func(t *testing.T) string
+		batch bool
 	}{
-		{"single", func(t *testing.T) string { return testredis.Start(t).URL() }},
-		{"sentinel", func(t *testing.T) string { return testredis.StartSentinel(t).URL() }},
-		{"cluster", func(t *testing.T) string { return testredis.StartCluster(t).URL() }},
+		{"single", func(t *testing.T) string { return testredis.Start(t).URL() }, false},
+		{"sentinel", func(t *testing.T) string { return testredis.StartSentinel(t).URL() }, false},
+		{"cluster", func(t *testing.T) string { return testredis.StartCluster(t).URL() }, false},
+		{"single batched", func(t *testing.T) string { return testredis.Start(t).URL() }, true},
+		{"sentinel batched", func(t *testing.T) string { return testredis.StartSentinel(t).URL() }, true},
+		{"cluster batched", func(t *testing.T) string { return testredis.StartCluster(t).URL() }, true},
 	} {
 		wg.Go(func() {
 			t.Run(tc.name, func(t *testing.T) {
@@ -65,7 +69,9 @@ func TestContract(t *testing.T) {
 				storetest.Run(t, storetest.Harness{
 					// Generous: the suite's concurrency tests queue many
 					// calls on a loaded machine, and -race slows it down.
-					New:     func(t *testing.T) store.Store { return open(t, url, Options{Timeout: 2 * time.Second}) },
+					New: func(t *testing.T) store.Store {
+						return open(t, url, Options{Timeout: 2 * time.Second, Batch: tc.batch})
+					},
 					Advance: func(_ *testing.T, d time.Duration) { time.Sleep(d) },
 				})
 			})
