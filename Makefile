@@ -5,7 +5,7 @@ VERSION  := $(shell git describe --always --dirty 2>/dev/null || echo dev)
 LDFLAGS  := -s -w -X main.version=$(VERSION)
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: build run test deps lint bench soak clean fuzz
+.PHONY: build run test deps lint bench bench-mta soak clean fuzz
 
 build:
 	CGO_ENABLED=0 $(GO) build -trimpath -ldflags '$(LDFLAGS)' -o $(BIN) ./cmd/policyd
@@ -37,6 +37,11 @@ bench:
 
 # Mixed load on policyd with Redis, Redis restarted midway; reports RSS,
 # goroutines and descriptors. SOAK_DURATION defaults to 10m.
+# policyd through a real private Postfix (smtp-source -s 16), as a policy
+# server and as a milter, against no-op servers of each protocol.
+bench-mta:
+	$(GO) test -run '^$$' -bench '^BenchmarkMTA$$' -benchtime 1x -timeout 20m ./internal/benchmta/
+
 soak:
 	GO=$(GO) ./scripts/soak.sh
 

@@ -51,11 +51,11 @@ type BuildInfo struct {
 type Registry struct {
 	reg *prometheus.Registry
 
-	decisions  *prometheus.CounterVec
-	hookDur    *prometheus.HistogramVec
+	decisions *prometheus.CounterVec
+	hookDur   *prometheus.HistogramVec
 	// hookObs caches hookDur's observers per protocol and hook: a label
 	// lookup per hook call was a visible share of a policy request.
-	hookObs sync.Map // protocol string → *[hookSlots]prometheus.Observer
+	hookObs    sync.Map // protocol string → *[hookSlots]prometheus.Observer
 	ruleErrors *prometheus.CounterVec
 	panics     *prometheus.CounterVec
 	reloads    *prometheus.CounterVec

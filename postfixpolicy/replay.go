@@ -18,6 +18,7 @@ const (
 	stageRcpt
 	stageData
 	stageDataPost
+	stageEnd // protocol_state=DISCONNECT (StateDisconnect): no hook, the session ends
 )
 
 func stageOf(state string) (stage, bool) {

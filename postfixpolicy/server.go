@@ -331,10 +331,22 @@ type target struct {
 	st   stage
 }
 
+// StateDisconnect is policyd's extension of the protocol: a request with
+// protocol_state=DISCONNECT says the SMTP session is over. Postfix never
+// sends it (its policy connection carries the next session, which tells);
+// an MTA that opens a connection per request, as Exim's ${readsocket}
+// does, sends it from its QUIT and not-QUIT ACLs, so the session's
+// disconnect hooks run then and tracked sessions stay few. It is answered
+// DUNNO.
+const StateDisconnect = "DISCONNECT"
+
 // targetOf reads req's session and stage; false for a request answered
 // DUNNO without a session (answerFor says why).
 func targetOf(req *Request, connID uint64) (target, bool) {
 	st, ok := stageOf(req.ProtocolState)
+	if req.ProtocolState == StateDisconnect {
+		ok, st = true, stageEnd
+	}
 	if !ok || req.Request != "smtpd_access_policy" {
 		return target{}, false
 	}
@@ -361,6 +373,10 @@ func (s *Server) answerFor(req *Request, tg target, ok bool) (string, time.Durat
 		default:
 			s.log.Warn("request without a usable client_address, answering DUNNO", "client_address", req.ClientAddress)
 		}
+		return "DUNNO", 0
+	}
+	if tg.st == stageEnd {
+		s.tracker.end(tg.key)
 		return "DUNNO", 0
 	}
 	s.noteStage(tg.st)

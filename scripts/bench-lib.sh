@@ -79,7 +79,7 @@ start_policyd() {
 		pd_milter=127.0.0.1:$(free_port)
 		pd_http=127.0.0.1:$(free_port)
 		state=$(mktemp -d "$work/state.XXXXXX")
-		"$work/policyd" serve --config "$work/config" --store "$store" --state-dir "$state" \
+		"$work/policyd" serve --config "${config:-$work/config}" --store "$store" --state-dir "$state" \
 			--policy-listen "$pd_policy" --milter-listen "$pd_milter" --http-listen "$pd_http" \
 			--log-level warn 2>>"$work/policyd.log" &
 		pd_pid=$!
@@ -135,6 +135,13 @@ redis_calls() {
 		BEGIN { n = split(only, w, " "); for (i = 1; i <= n; i++) want[w[i]] = 1 }
 		/^cmdstat_/ { if (n == 0 ? $2 != "info" : ($2 in want)) s += $4 }
 		END { printf "%.0f\n", s }'
+}
+
+# redis_reads: the read system calls redis-server has made: with
+# pipelining one read carries many commands, so the reads during a run,
+# per request, are the round trips the run cost Redis.
+redis_reads() {
+	awk '/^syscr:/ { print $2 }' "/proc/$redis_pid/io"
 }
 
 # ratio A B: A/B with two decimals, "-" when B is 0.

@@ -65,6 +65,57 @@ table() {
 
 echo "## Results"
 echo
+echo "### Policy profiles, c=16"
+echo
+echo "How Postfix is wired decides what a request costs. **rcpt-only**:"
+echo "\`check_policy_service\` in \`smtpd_recipient_restrictions\` only, one"
+echo "recipient, a new client port each session: every request is a session's"
+echo "first, and policyd replays connect, helo, mail and rcpt for it (most"
+echo "sites). **rcpt-data-eom**: the recommended wiring, RCPT (1–2) then DATA and"
+echo "END-OF-MESSAGE, cheap repeats of a known session. **conn-per-request**:"
+echo "rcpt-only, each request on a connection of its own, half-closed after it"
+echo "(Exim's \`\${readsocket}\`). **all-stages**: every stage, as in the tables"
+echo "below. The baseline gets the same profile."
+echo
+echo "| profile | store | policyd req/s | baseline req/s | ratio | p99 policyd / baseline (ms) | p99 ratio | store ops / request | Redis calls / request | Redis reads / request | errors |"
+echo "|---|---|---|---|---|---|---|---|---|---|---|"
+for store in memory redis; do
+	for prof in rcpt-only rcpt-data-eom conn-per-request all-stages; do
+		p=$store-prof-$prof-policyd b=$store-prof-$prof-baseline
+		[ "$prof" = all-stages ] && p=$store-policy-16-policyd b=$store-policy-16-baseline
+		extra="- | - | -"
+		if [ "$store" = redis ] && [ -f "$res/$store-prof-$prof-redis" ]; then
+			read -r ops calls reads <"$res/$store-prof-$prof-redis"
+			n=$(f "$p" .requests)
+			extra="$(ratio "$ops" "$n") | $(ratio "$calls" "$n") | $(ratio "$reads" "$n")"
+		fi
+		echo "| $prof | $store | $(f "$p" '.rate|floor') | $(f "$b" '.rate|floor') | $(ratio "$(f "$p" .rate)" "$(f "$b" .rate)") |" \
+			"$(ms "$(f "$p" .latency.p99_us)") / $(ms "$(f "$b" .latency.p99_us)") | $(ratio "$(f "$p" .latency.p99_us)" "$(f "$b" .latency.p99_us)") |" \
+			"$extra | $(f "$p" .errors) / $(f "$b" .errors) |"
+	done
+done
+echo
+echo "Store ops: policyd's store operations (\`policyd_store_operations_total\`);"
+echo "Redis calls: every command Redis ran (\`INFO commandstats\`, the commands"
+echo "inside scripts included); Redis reads: redis-server's read system calls"
+echo "(\`/proc/PID/io\` syscr), one per batch of commands policyd sent at once:"
+echo "with \`--redis-batch\` (the default) concurrent sessions share them, so"
+echo "this is the round trips a request cost."
+echo
+jq -s '{rate: (map(.rate) | add / length), p99: (map(.latency.p99_us) | max)}' "$res/chain-go1.json" "$res/chain-go2.json" >"$res/chain-go.json"
+jq -s '{rate: (map(.rate) | add / length), p99: (map(.latency.p99_us) | max)}' "$res/chain-lua1.json" "$res/chain-lua2.json" >"$res/chain-lua.json"
+echo "### The chain in Lua"
+echo
+echo "The same chain with \`connection_shaper\` and \`deny_repeat_offenders\`"
+echo "replaced by their Lua twins (examples/plugins.d), against the Go rules:"
+echo "two daemons on the embedded store side by side, policy all-stages at c=16,"
+echo "measured in turn, twice (rate: the mean; p99: the worse)."
+echo
+echo "| chain | requests/s | p99 (ms) | ratio to Go |"
+echo "|---|---|---|---|"
+echo "| Go rules | $(f chain-go '.rate|floor') | $(ms "$(f chain-go .p99)") | 1.00 |"
+echo "| Lua twins | $(f chain-lua '.rate|floor') | $(ms "$(f chain-lua .p99)") | $(ratio "$(f chain-lua .rate)" "$(f chain-go .rate)") |"
+echo
 for store in memory redis; do
 	table "$store" policy requests
 	table "$store" milter sessions
@@ -140,7 +191,27 @@ rssmaxb=$(printf '%s\n' "$rss_filled" "$rss_big" | sort -n | tail -1)
 rssmax=$(mib "$rssmaxb")
 rssmb=$(awk -v b="$rssmaxb" 'BEGIN { printf "%.0f\n", b / 1e6 }')
 notes=$(dirname "$0")/../docs/benchmarks-notes.md
+ro=$(ratio "$(f memory-prof-rcpt-only-policyd .rate)" "$(f memory-prof-rcpt-only-baseline .rate)")
+rop=$(ratio "$(f memory-prof-rcpt-only-policyd .latency.p99_us)" "$(f memory-prof-rcpt-only-baseline .latency.p99_us)")
+cpr=$(ratio "$(f memory-prof-conn-per-request-policyd .rate)" "$(f memory-prof-conn-per-request-baseline .rate)")
+rro=$(ratio "$(f redis-prof-rcpt-only-policyd .rate)" "$(f redis-prof-rcpt-only-baseline .rate)")
+read -r rops _ reads <"$res/redis-prof-rcpt-only-redis"
+rtr=$(ratio "$reads" "$(f redis-prof-rcpt-only-policyd .requests)")
+rseq=$(ratio "$rops" "$(f redis-prof-rcpt-only-policyd .requests)")
 cat <<EOF
+## Targets (issue 19)
+
+| target | measured | |
+|---|---|---|
+| rcpt-only, embedded store, c=16: ≥ 0.7× the baseline | ${ro}× | $(verdict atleast "$ro" 0.7) |
+| rcpt-only, embedded store, c=16: p99 ≤ 2× the baseline's | ${rop}× | $(verdict atleast 2 "$rop") |
+| all-stages, embedded store, c=16: ≥ 0.8× the baseline | ${pr}× | $(verdict atleast "$pr" 0.8) |
+| Redis rcpt-only: ≤ 1 round trip a request waits for (store calls in a row per request) | ${rseq} | $(verdict atleast 1 "$rseq") |
+| Redis rcpt-only: Redis reads per request (round trips as Redis sees them, shared by batching) | ${rtr} | $(verdict atleast 1 "$rtr") |
+| Redis rcpt-only, c=16: ≥ 0.4× the baseline | ${rro}× | $(verdict atleast "$rro" 0.4) |
+| Redis all-stages, c=16: ≥ 0.5× the baseline | ${rpr}× | $(verdict atleast "$rpr" 0.5) |
+| conn-per-request, embedded store, c=16: ≥ 0.8× the baseline | ${cpr}× | $(verdict atleast "$cpr" 0.8) |
+
 ## Targets (issue 8)
 
 | target | measured | |

@@ -29,6 +29,20 @@ load() {
 }
 field() { jq -r "$2" "$work/res/$1.json"; }
 
+# The policy profiles at c=16, beside the all-stages runs below: what
+# most sites wire (check_policy_service at RCPT only, so every request
+# starts a session), the recommended wiring (RCPT, DATA and
+# END-OF-MESSAGE: the later two cheap repeats of a known session), and
+# one request per connection (Exim's ${readsocket}).
+profiles=(rcpt-only rcpt-data-eom conn-per-request)
+profile_args() {
+	case $1 in
+	rcpt-only) echo "-states RCPT -rcpts 1" ;;
+	rcpt-data-eom) echo "-states RCPT,DATA,END-OF-MESSAGE" ;;
+	conn-per-request) echo "-states RCPT -rcpts 1 -conn-per-request" ;;
+	esac
+}
+
 # For each store, policyd and the baseline alternate at each point, so a
 # slow patch of the machine hits both.
 for store in memory redis; do
@@ -38,6 +52,18 @@ for store in memory redis; do
 		url=redis://127.0.0.1:$redis_port/0
 	fi
 	start_policyd "$url"
+	for prof in "${profiles[@]}"; do
+		# shellcheck disable=SC2046 # the profile's flags, split on purpose
+		set -- $(profile_args "$prof")
+		ops0=$(metric policyd_store_operations_total)
+		[ "$store" = redis ] && { calls0=$(redis_calls); reads0=$(redis_reads); }
+		load "$store-prof-$prof-policyd" -proto policy -addr "$pd_policy" -c 16 -duration "$dur" "$@"
+		ops=$(($(metric policyd_store_operations_total) - ops0))
+		if [ "$store" = redis ]; then
+			echo "$ops $(($(redis_calls) - calls0)) $(($(redis_reads) - reads0))" >"$work/res/$store-prof-$prof-redis"
+		fi
+		load "$store-prof-$prof-baseline" -proto policy -baseline -c 16 -duration "$dur" "$@"
+	done
 	for proto in policy milter; do
 		addr=$pd_policy
 		[ "$proto" = milter ] && addr=$pd_milter
@@ -64,6 +90,25 @@ for store in memory redis; do
 	fi
 	stop_policyd
 done
+
+# The same chain written in Lua (the twins in examples/plugins.d) against
+# the Go rules, both daemons side by side, policy at c=16, twice each.
+mkdir -p "$work/lua/plugins.d"
+cp examples/plugins.d/lua_connection_shaper.lua examples/plugins.d/lua_deny_repeat_offenders.lua "$work/lua/plugins.d/"
+cp "$work/config/whitelist" "$work/lua/"
+printf '%s\n' whitelist "lua_connection_shaper threshold 1000000000 exptime 60" client_stats \
+	"lua_deny_repeat_offenders threshold 1000000" >"$work/lua/plugins"
+"$work/policyd" check --config "$work/lua" >/dev/null
+start_policyd memory
+go_pid=$pd_pid go_policy=$pd_policy
+config=$work/lua start_policyd memory
+for round in 1 2; do
+	load "chain-go$round" -proto policy -addr "$go_policy" -c 16 -duration "$dur"
+	load "chain-lua$round" -proto policy -addr "$pd_policy" -c 16 -duration "$dur"
+done
+stop_policyd
+pd_pid=$go_pid
+stop_policyd
 
 # The embedded store with few and with many clients, policy at c=16: a
 # fresh daemon per size; the large store is first filled with one session

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the tests run for real: Postfix, Redis, swaks, miltertest,
 # lua5.1 (the reference the Lua sandbox's pattern matcher is checked against),
+# a private Exim 4.96 unpacked into .cache/exim (with its user Debian-exim),
 # and a private Sendmail 8.17 unpacked into .cache/sendmail.
 # Under CI=true a missing tool that cannot be installed is an error, never
 # a reason to skip tests.
@@ -159,3 +160,82 @@ provision_sendmail() {
 }
 
 provision_sendmail
+
+# --- Private Exim 4.96 -------------------------------------------------------
+# exim4-daemon-light conflicts with postfix (both are the mail transport
+# agent), so it is unpacked into .cache/exim (or $TESTMTA_EXIM_ROOT), never
+# installed. The shared libraries it links against coexist with Postfix and
+# are installed normally; its compiled-in user must exist.
+
+ex_root=${TESTMTA_EXIM_ROOT:-.cache/exim}
+case $ex_root in /*) ;; *) ex_root=$repo/$ex_root ;; esac
+ex_bin=$ex_root/usr/sbin/exim4
+
+ex_missing_libs() {
+  ldd "$1" 2>/dev/null | awk '/not found/ {print $1}'
+}
+
+provision_exim() {
+  if [ -f "$ex_root/.provisioned" ] && [ -x "$ex_bin" ] && [ -z "$(ex_missing_libs "$ex_bin")" ] &&
+     id Debian-exim >/dev/null 2>&1; then
+    return 0
+  fi
+  if ! command -v apt-get >/dev/null 2>&1 || ! command -v dpkg-deb >/dev/null 2>&1; then
+    cannot "no private Exim in $ex_root and no apt-get/dpkg-deb to fetch exim4-daemon-light"
+    return 0
+  fi
+  if ! id Debian-exim >/dev/null 2>&1; then
+    if [ "$(id -u)" -ne 0 ]; then
+      cannot "Exim's user Debian-exim is missing (as root: useradd --system --no-create-home --shell /usr/sbin/nologin Debian-exim)"
+      return 0
+    fi
+    useradd --system --no-create-home --shell /usr/sbin/nologin Debian-exim
+  fi
+  if [ ! -x "$ex_bin" ] || [ ! -f "$ex_root/.provisioned" ]; then
+    echo "install-deps: unpacking exim4-daemon-light into $ex_root"
+    mkdir -p "$(dirname "$ex_root")"
+    local tmp
+    tmp=$(mktemp -d "$ex_root.tmp.XXXXXX")
+    sm_tmp=$tmp
+    mkdir "$tmp/debs" "$tmp/tree"
+    local dl=(apt-get -qq -o APT::Sandbox::User=root download exim4-daemon-light)
+    if ! (cd "$tmp/debs" && "${dl[@]}") 2>"$tmp/err"; then
+      if [ "$(id -u)" -eq 0 ] && apt_update && (cd "$tmp/debs" && "${dl[@]}") 2>"$tmp/err"; then
+        :
+      else
+        cat "$tmp/err" >&2
+        cannot "could not download exim4-daemon-light"
+        return 0
+      fi
+    fi
+    local deb
+    for deb in "$tmp"/debs/*.deb; do
+      dpkg-deb -x "$deb" "$tmp/tree"
+      dpkg-deb -W --showformat='${Package} ${Version}\n' "$deb" >>"$tmp/tree/.versions"
+    done
+    date -u +%FT%TZ >"$tmp/tree/.provisioned"
+    rm -rf "$ex_root"
+    mv "$tmp/tree" "$ex_root"
+  fi
+  local missing
+  missing=$(ex_missing_libs "$ex_bin")
+  if [ -n "$missing" ] && is_root_with_apt; then
+    local libpkgs=() p
+    for p in $(apt-cache depends exim4-daemon-light 2>/dev/null | awk '$1 == "Depends:" && $2 ~ /^lib/ {print $2}'); do
+      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || libpkgs+=("$p")
+    done
+    if [ ${#libpkgs[@]} -gt 0 ]; then
+      echo "install-deps: installing ${libpkgs[*]} for Exim"
+      apt_update
+      DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${libpkgs[@]}" >/dev/null
+    fi
+    missing=$(ex_missing_libs "$ex_bin")
+  fi
+  if [ -n "$missing" ]; then
+    cannot "exim4 lacks the shared libraries $(echo "$missing" | paste -sd' ')"
+    return 0
+  fi
+  echo "install-deps: private Exim ready in $ex_root ($(cat "$ex_root/.versions"))"
+}
+
+provision_exim
