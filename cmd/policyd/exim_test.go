@@ -24,6 +24,7 @@ func eximOptions(t testing.TB, policy string) testmta.EximOptions {
 	return testmta.EximOptions{
 		Main: []string{"POLICYD_SOCKET = inet:" + policy},
 		Rcpt: []string{abs("deploy/exim/policyd.acl")},
+		Data: []string{abs("deploy/exim/policyd-data.acl")},
 		Quit: []string{abs("deploy/exim/policyd-quit.acl")},
 	}
 }
@@ -37,7 +38,8 @@ func oneLine(r testmta.Reply) string {
 // 1–3 from one address through and defers the 4th at RCPT with the rule's
 // text, another address still gets through, a session with five
 // recipients counts once, badmailfrom refuses with 550, each session ends
-// in policyd at QUIT (the QUIT ACL's DISCONNECT), and with policyd down
+// in policyd at QUIT (the QUIT ACL's DISCONNECT), the DATA ACL asks at the
+// end of each message, and with policyd down
 // mail flows.
 func TestEximPolicy(t *testing.T) {
 	cfg := t.TempDir()
@@ -79,6 +81,8 @@ func TestEximPolicy(t *testing.T) {
 	if r := tr.RcptReplies()[0]; r.Code != 550 || !strings.Contains(r.Text(), "5.7.1 sorry, your envelope sender is in my badmailfrom list") {
 		t.Fatalf("badmailfrom:\n%s", tr)
 	}
+	// The DATA ACL asked at the end of each of the 4 messages accepted.
+	pollMetric(t, d, `policyd_hook_duration_seconds_count{hook="data_post",protocol="policy"}`, func(v float64) bool { return v == 4 })
 	// Every session said QUIT: none is left tracked.
 	pollMetric(t, d, `policyd_sessions_open{protocol="policy"}`, func(v float64) bool { return v == 0 })
 

@@ -1,4 +1,5 @@
-// Package benchmta measures policyd through a real Postfix (make bench-mta):
+// Package benchmta measures policyd through a real Postfix and a real Exim
+// (make bench-mta):
 // smtp-source sends the same messages through a private Postfix wired to
 // policyd, then to a no-op server of the same protocol, in turns, and the
 // report gives policyd's throughput as a share of the no-op's.
@@ -59,21 +60,28 @@ func BenchmarkMTA(b *testing.B) {
 	noopPolicy := startProc(b, filepath.Join(bin, "policyload"), "-serve-baseline", "-proto", "policy").firstLine(b)
 	noopMilter := startProc(b, filepath.Join(bin, "policyload"), "-serve-baseline", "-proto", "milter").firstLine(b)
 	setups := []setup{
-		{"policy: no-op server", "policy", noopPolicy},
-		{"policy: policyd", "policy", pdPolicy},
-		{"milter: no-op milter", "milter", noopMilter},
-		{"milter: policyd", "milter", pdMilter},
+		{"Postfix + policy: no-op server", "policy", noopPolicy},
+		{"Postfix + policy: policyd", "policy", pdPolicy},
+		{"Postfix + milter: no-op milter", "milter", noopMilter},
+		{"Postfix + milter: policyd", "milter", pdMilter},
+		{"Exim alone", "exim", ""},
+		{"Exim + policy: no-op server", "exim", noopPolicy},
+		{"Exim + policy: policyd", "exim", pdPolicy},
 	}
-	mtas := make([]*testmta.Postfix, len(setups))
+	mtaAddrs := make([]string, len(setups))
 	for i, s := range setups {
-		mtas[i] = testmta.Start(b, testmta.Options{ExtraMainCF: mainCF(b, s.proto, s.addr)})
+		if s.proto == "exim" {
+			mtaAddrs[i] = testmta.StartExim(b, eximOptions(b, s.addr)).Addr()
+			continue
+		}
+		mtaAddrs[i] = testmta.Start(b, testmta.Options{ExtraMainCF: mainCF(b, s.proto, s.addr)}).Addr()
 	}
 	rates := make([][]float64, len(setups))
 	for range rounds {
 		for i, s := range setups {
 			start := time.Now()
 			out, err := exec.Command(source, "-s", strconv.Itoa(sessions), "-m", strconv.Itoa(messages),
-				"-f", "sender@example.org", "-t", "rcpt@example.test", "-l", "2048", mtas[i].Addr()).CombinedOutput()
+				"-f", "sender@example.org", "-t", "rcpt@example.test", "-l", "2048", mtaAddrs[i]).CombinedOutput()
 			d := time.Since(start)
 			if err != nil || len(out) > 0 {
 				b.Fatalf("%s: smtp-source: %v\n%s", s.name, err, out)
@@ -89,16 +97,39 @@ func BenchmarkMTA(b *testing.B) {
 		sort.Float64s(r)
 		med[i] = r[len(r)/2]
 	}
-	fmt.Printf("\nThrough a private Postfix, smtp-source -s %d -m %d (2 kB messages), median of %d rounds:\n\n", sessions, messages, rounds)
+	fmt.Printf("\nThrough a private MTA, smtp-source -s %d -m %d (2 kB messages), median of %d rounds:\n\n", sessions, messages, rounds)
 	fmt.Printf("| set-up | messages/s | rounds |\n|---|---|---|\n")
 	for i, s := range setups {
-		fmt.Printf("| Postfix + %s | %.0f | %s |\n", s.name, med[i], joinRates(rates[i]))
+		fmt.Printf("| %s | %.0f | %s |\n", s.name, med[i], joinRates(rates[i]))
 	}
-	pr, mr := med[1]/med[0], med[3]/med[2]
+	pr, mr, er, ea := med[1]/med[0], med[3]/med[2], med[6]/med[5], med[6]/med[4]
 	fmt.Printf("\npolicy (RCPT and END-OF-DATA): policyd %.2f× Postfix + the no-op policy server (aim ≥ 0.95)\n", pr)
 	fmt.Printf("milter: policyd %.2f× Postfix + the no-op milter (aim ≥ 0.9)\n", mr)
+	fmt.Printf("Exim (RCPT, DATA and QUIT ACLs of deploy/exim, a connection per request): policyd %.2f× Exim + the no-op policy server, %.2f× Exim alone\n", er, ea)
 	b.ReportMetric(pr, "policy-ratio")
 	b.ReportMetric(mr, "milter-ratio")
+	b.ReportMetric(er, "exim-ratio")
+}
+
+// eximOptions wires a private Exim as deploy/exim says; no policy server
+// at all when policy is empty.
+func eximOptions(b *testing.B, policy string) testmta.EximOptions {
+	if policy == "" {
+		return testmta.EximOptions{}
+	}
+	abs := func(name string) string {
+		p, err := filepath.Abs(filepath.Join("..", "..", "deploy", "exim", name))
+		if err != nil {
+			b.Fatal(err)
+		}
+		return p
+	}
+	return testmta.EximOptions{
+		Main: []string{"POLICYD_SOCKET = inet:" + policy},
+		Rcpt: []string{abs("policyd.acl")},
+		Data: []string{abs("policyd-data.acl")},
+		Quit: []string{abs("policyd-quit.acl")},
+	}
 }
 
 func joinRates(r []float64) string {

@@ -43,6 +43,8 @@ type EximOptions struct {
 	// Rcpt are files .included at the top of the RCPT ACL, before it
 	// accepts mail for example.test (and refuses relaying elsewhere).
 	Rcpt []string
+	// Data are files .included at the top of the DATA ACL.
+	Data []string
 	// Quit are files .included in the QUIT and not-QUIT ACLs.
 	Quit []string
 }
@@ -149,6 +151,7 @@ func eximConfig(c *EximConf, o EximOptions) string {
 	w("smtp_accept_max = 200")
 	w("smtp_accept_queue_per_connection = 0")
 	w("acl_smtp_rcpt = acl_check_rcpt")
+	w("acl_smtp_data = acl_check_data")
 	w("acl_smtp_quit = acl_check_quit")
 	w("acl_smtp_notquit = acl_check_notquit")
 	for _, l := range o.Main {
@@ -161,6 +164,11 @@ func eximConfig(c *EximConf, o EximOptions) string {
 	}
 	w("  accept domains = +local_domains")
 	w("  deny message = relay not permitted")
+	w("acl_check_data:")
+	for _, f := range o.Data {
+		w(".include %s", f)
+	}
+	w("  accept")
 	for _, name := range []string{"acl_check_quit", "acl_check_notquit"} {
 		w("%s:", name)
 		for _, f := range o.Quit {
