@@ -49,6 +49,8 @@ func run(args []string, stdout, stderr io.Writer) int {
 		return check(args, stdout, stderr)
 	case "simulate":
 		return simulate(args, stdout, stderr)
+	case "replay":
+		return replayCommand(args, os.Stdin, stdout, stderr)
 	case "inspect", "forget":
 		return adminCommand(cmd, args, stdout, stderr)
 	case "chain":
@@ -205,11 +207,20 @@ func (o *options) register(fs *flag.FlagSet) {
 // parseFlags parses args, then fills every flag not given from its
 // POLICYD_<NAME> environment twin: flags win over the environment.
 func parseFlags(fs *flag.FlagSet, args []string, env func(string) (string, bool)) error {
-	if err := fs.Parse(args); err != nil {
+	if err := parseFlagsAndArgs(fs, args, env); err != nil {
 		return err
 	}
 	if fs.NArg() > 0 {
 		return fmt.Errorf("unexpected argument %q", fs.Arg(0))
+	}
+	return nil
+}
+
+// parseFlagsAndArgs is parseFlags for a command that takes arguments
+// after its flags (replay's files).
+func parseFlagsAndArgs(fs *flag.FlagSet, args []string, env func(string) (string, bool)) error {
+	if err := fs.Parse(args); err != nil {
+		return err
 	}
 	given := map[string]bool{}
 	fs.Visit(func(f *flag.Flag) { given[f.Name] = true })

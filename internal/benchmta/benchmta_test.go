@@ -21,11 +21,14 @@ import (
 	"github.com/policyd-mail/policyd/internal/testing/testmta"
 )
 
-// Each run sends this many messages over 16 sessions at once.
+// Each run sends this many messages over 16 sessions at once; Exim, which
+// forks and syncs its spool per message, takes about a fifth as many per
+// second on this kind of machine, so it gets fewer.
 const (
-	messages = 3000
-	sessions = 16
-	rounds   = 3
+	messages     = 3000
+	eximMessages = 600
+	sessions     = 16
+	rounds       = 3
 )
 
 // BenchmarkMTA is make bench-mta. It is a benchmark, not a test: it runs
@@ -79,14 +82,18 @@ func BenchmarkMTA(b *testing.B) {
 	rates := make([][]float64, len(setups))
 	for range rounds {
 		for i, s := range setups {
+			n := messages
+			if s.proto == "exim" {
+				n = eximMessages
+			}
 			start := time.Now()
-			out, err := exec.Command(source, "-s", strconv.Itoa(sessions), "-m", strconv.Itoa(messages),
+			out, err := exec.Command(source, "-s", strconv.Itoa(sessions), "-m", strconv.Itoa(n),
 				"-f", "sender@example.org", "-t", "rcpt@example.test", "-l", "2048", mtaAddrs[i]).CombinedOutput()
 			d := time.Since(start)
 			if err != nil || len(out) > 0 {
 				b.Fatalf("%s: smtp-source: %v\n%s", s.name, err, out)
 			}
-			rates[i] = append(rates[i], messages/d.Seconds())
+			rates[i] = append(rates[i], float64(n)/d.Seconds())
 		}
 	}
 	// The median of the rounds: one slow moment of a shared machine does
@@ -97,7 +104,7 @@ func BenchmarkMTA(b *testing.B) {
 		sort.Float64s(r)
 		med[i] = r[len(r)/2]
 	}
-	fmt.Printf("\nThrough a private MTA, smtp-source -s %d -m %d (2 kB messages), median of %d rounds:\n\n", sessions, messages, rounds)
+	fmt.Printf("\nThrough a private MTA, smtp-source -s %d -m %d (Exim: %d; 2 kB messages), median of %d rounds:\n\n", sessions, messages, eximMessages, rounds)
 	fmt.Printf("| set-up | messages/s | rounds |\n|---|---|---|\n")
 	for i, s := range setups {
 		fmt.Printf("| %s | %.0f | %s |\n", s.name, med[i], joinRates(rates[i]))
