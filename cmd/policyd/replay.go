@@ -344,12 +344,14 @@ type replaySummary struct {
 }
 
 type ruleSummary struct {
-	answers   map[string]int
-	sessions  map[string]bool
-	delivered map[string]bool // session/recipient Postfix delivered, that the rule would have refused
-	refused   map[string]bool // … that Postfix refused anyway
-	clients   map[string]int
-	senders   map[string]int
+	answers map[string]int
+	// Sessions come one at a time, and a rule's decisions of one session
+	// one after another: counting needs only the present session's
+	// recipients, so memory does not grow with the log.
+	sessions, delivered, refused int
+	last                         string          // the session counted last
+	seen                         map[string]bool // its recipients counted
+	clients, senders             map[string]int
 }
 
 func newReplaySummary() *replaySummary {
@@ -379,24 +381,27 @@ func (sm *replaySummary) session(s *maillog.Session) {
 func (sm *replaySummary) decision(s *maillog.Session, l replayLine, rcpts []maillog.Rcpt) {
 	rs := sm.rules[l.Rule]
 	if rs == nil {
-		rs = &ruleSummary{answers: map[string]int{}, sessions: map[string]bool{}, delivered: map[string]bool{},
-			refused: map[string]bool{}, clients: map[string]int{}, senders: map[string]int{}}
+		rs = &ruleSummary{answers: map[string]int{}, clients: map[string]int{}, senders: map[string]int{}}
 		sm.rules[l.Rule] = rs
 	}
 	rs.answers[l.Answer]++
-	if !rs.sessions[s.ID] {
-		rs.sessions[s.ID] = true
+	if rs.last != s.ID {
+		rs.last, rs.seen = s.ID, map[string]bool{}
+		rs.sessions++
 		rs.clients[l.Client]++
 	}
 	if l.Sender != "" || l.QueueID != "" {
 		rs.senders["<"+l.Sender+">"]++
 	}
 	for _, rc := range rcpts {
-		k := s.ID + " " + rc.Addr
+		if rs.seen[rc.Addr] {
+			continue
+		}
+		rs.seen[rc.Addr] = true
 		if rc.Refused {
-			rs.refused[k] = true
+			rs.refused++
 		} else {
-			rs.delivered[k] = true
+			rs.delivered++
 		}
 	}
 }
@@ -431,7 +436,7 @@ func (sm *replaySummary) write(w io.Writer, order []string) {
 			fmt.Fprintf(w, "%s\t-\t0\t0\t0\n", n)
 			continue
 		}
-		fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\n", n, counts(rs.answers, 0), len(rs.sessions), len(rs.delivered), len(rs.refused))
+		fmt.Fprintf(w, "%s\t%s\t%d\t%d\t%d\n", n, counts(rs.answers, 0), rs.sessions, rs.delivered, rs.refused)
 	}
 	for _, n := range names {
 		rs := sm.rules[n]
