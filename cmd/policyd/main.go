@@ -72,6 +72,8 @@ func usage(w io.Writer) {
        policyd check [--config DIR]  validate a config directory, print the chain
        policyd simulate --ip A [--helo H] [--from S] [--rcpt R]... [flags]
                                      run one SMTP session through the chain (-h for flags)
+       policyd replay [--config DIR] [--json] [FILE...]
+                                     what the chain would have done to a Postfix log's sessions
        policyd inspect [--http ADDR] [--json] IP|CIDR
                                      what the running daemon stores about a client
        policyd forget [--http ADDR] [--json] IP|CIDR
