@@ -108,7 +108,7 @@ func TestReplayAgreesWithLive(t *testing.T) {
 			t.Errorf("%s: live decided\n  %v\nreplay decided\n  %v", ip, live[ip], replayed[ip])
 		}
 	}
-	for _, want := range []string{"8 sessions" /* testmta's readiness probe is one */, "0 not understood", "connection_shaper", "badmailfrom", "greylisting", "deny_repeat_offenders", "busiest minute"} {
+	for _, want := range []string{"7 messages, 10 recipients", "0 not understood", "connection_shaper", "badmailfrom", "greylisting", "deny_repeat_offenders", "busiest minute"} {
 		if !strings.Contains(stderr.String(), want) {
 			t.Errorf("the summary lacks %q:\n%s", want, stderr.String())
 		}
