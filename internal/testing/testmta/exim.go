@@ -13,7 +13,6 @@ package testmta
 
 import (
 	"bytes"
-	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -295,30 +294,13 @@ func (e *Exim) Stop() {
 	})
 }
 
-// findExim locates the unpacked Exim: $TESTMTA_EXIM_ROOT (relative to the
-// directory holding go.mod), else .cache/exim there.
+// findExim locates the unpacked Exim: $TESTMTA_EXIM_ROOT, else
+// .cache/exim (cacheRoot).
 func findExim() (string, error) {
 	const hint = "`make deps` (also run by `make test`) unpacks it there; or set " + EximRootEnv
-	wd, err := os.Getwd()
+	root, err := cacheRoot(EximRootEnv, "exim", hint)
 	if err != nil {
 		return "", err
-	}
-	mod := ""
-	for d := wd; ; d = filepath.Dir(d) {
-		if _, err := os.Stat(filepath.Join(d, "go.mod")); err == nil {
-			mod = d
-			break
-		}
-		if filepath.Dir(d) == d {
-			return "", errors.New("no go.mod above the working directory")
-		}
-	}
-	root := os.Getenv(EximRootEnv)
-	switch {
-	case root == "":
-		root = filepath.Join(mod, ".cache", "exim")
-	case !filepath.IsAbs(root):
-		root = filepath.Join(mod, root)
 	}
 	bin := filepath.Join(root, "usr", "sbin", "exim4")
 	if _, err := os.Stat(bin); err != nil {

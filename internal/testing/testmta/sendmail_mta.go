@@ -124,15 +124,14 @@ func StartSendmail(t testing.TB, o SendmailOptions) *Sendmail {
 	return nil
 }
 
-// findSendmailTree locates the unpacked Sendmail: $TESTMTA_SENDMAIL_ROOT
-// (a relative path is taken from the directory holding go.mod, where make
-// runs), else .cache/sendmail in that directory, found by walking up from
-// the working directory.
-func findSendmailTree() (sendmailTree, error) {
-	const hint = "`make deps` (also run by `make test`) unpacks it there; or set " + SendmailRootEnv
+// cacheRoot is where a private MTA is unpacked: $env (a relative path
+// is taken from the directory holding go.mod, where make runs), else
+// .cache/name in that directory, found by walking up from the working
+// directory.
+func cacheRoot(env, name, hint string) (string, error) {
 	wd, err := os.Getwd()
 	if err != nil {
-		return sendmailTree{}, err
+		return "", err
 	}
 	mod := ""
 	for d := wd; ; d = filepath.Dir(d) {
@@ -144,14 +143,27 @@ func findSendmailTree() (sendmailTree, error) {
 			break
 		}
 	}
-	root := os.Getenv(SendmailRootEnv)
+	root := os.Getenv(env)
 	switch {
 	case root != "" && !filepath.IsAbs(root) && mod != "":
 		root = filepath.Join(mod, root)
 	case root == "" && mod == "":
-		return sendmailTree{}, fmt.Errorf("no go.mod above %s, so no .cache/sendmail; %s", wd, hint)
+		return "", fmt.Errorf("no go.mod above %s, so no .cache/%s; %s", wd, name, hint)
 	case root == "":
-		root = filepath.Join(mod, ".cache", "sendmail")
+		root = filepath.Join(mod, ".cache", name)
+	}
+	return root, nil
+}
+
+// findSendmailTree locates the unpacked Sendmail: $TESTMTA_SENDMAIL_ROOT
+// (a relative path is taken from the directory holding go.mod, where make
+// runs), else .cache/sendmail in that directory, found by walking up from
+// the working directory.
+func findSendmailTree() (sendmailTree, error) {
+	const hint = "`make deps` (also run by `make test`) unpacks it there; or set " + SendmailRootEnv
+	root, err := cacheRoot(SendmailRootEnv, "sendmail", hint)
+	if err != nil {
+		return sendmailTree{}, err
 	}
 	tr := sendmailTree{root: root}
 	for _, b := range []string{"usr/libexec/sendmail/sendmail", "usr/lib/sm.bin/sendmail"} {
