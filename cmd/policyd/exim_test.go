@@ -97,7 +97,13 @@ func TestEximPolicy(t *testing.T) {
 // files: each scenario one SMTP dialogue, with the answer Exim gives.
 func TestEximBH(t *testing.T) {
 	cfg := t.TempDir()
-	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("whitelist\nconnection_shaper threshold 1 exptime 3600\nbadmailfrom\nbadrcptto\n"), 0o644)
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("whitelist\nconnection_shaper threshold 1 exptime 3600\nbadmailfrom\nbadrcptto\nhangup\n"), 0o644)
+	os.Mkdir(filepath.Join(cfg, "plugins.d"), 0o755)
+	os.WriteFile(filepath.Join(cfg, "plugins.d", "hangup.lua"), []byte(`
+function hook_rcpt(s)
+  if s.txn.rcpt == "drop@example.test" then return DENY_DISCONNECT, "go away" end
+  if s.txn.rcpt == "later@example.test" then return DENYSOFT_DISCONNECT, "come back later" end
+end`), 0o644)
 	os.WriteFile(filepath.Join(cfg, "whitelist"), []byte("clients 127.0.0.40\n"), 0o644)
 	os.WriteFile(filepath.Join(cfg, "badmailfrom"), []byte("spammer@example.org\n"), 0o644)
 	os.WriteFile(filepath.Join(cfg, "badrcptto"), []byte("abuse-trap@example.test\n"), 0o644)
@@ -116,6 +122,8 @@ func TestEximBH(t *testing.T) {
 		{"badrcptto", "127.0.0.33.40004", "a@example.org", "abuse-trap@example.test", "550 5.7.1 mail to abuse-trap@example.test not accepted here"},
 		{"whitelisted client: connection_shaper passes it", "127.0.0.40.40005", "a@example.org", "u@example.test", "250 Accepted"},
 		{"whitelisted client, second session", "127.0.0.40.40006", "a@example.org", "u@example.test", "250 Accepted"},
+		{"521: drop", "127.0.0.35.40008", "a@example.org", "drop@example.test", "521 5.7.1 go away"},
+		{"421: defer, not a 550", "127.0.0.36.40009", "a@example.org", "later@example.test", "421 4.7.0 come back later"},
 		{"Exim's own relay check still applies", "127.0.0.34.40007", "a@example.org", "u@elsewhere.example", "550 relay not permitted"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {

@@ -184,9 +184,11 @@ func (r *replayer) read(name string, stdin io.Reader, year int, rb *maillog.Rebu
 		defer zr.Close()
 		br = bufio.NewReaderSize(zr, 256<<10)
 	}
-	// A year-less log's year: a file written in January whose first line is
-	// from December is last year's.
-	yearFixed := year != 0
+	// A year-less log's year: a file last written in a month before its
+	// first line's month (January, a log that starts in December) began
+	// last year.
+	yearFixed := year != 0 || name == "-"
+	first := true
 	for {
 		line, err := br.ReadSlice('\n')
 		if errors.Is(err, bufio.ErrBufferFull) {
@@ -206,12 +208,13 @@ func (r *replayer) read(name string, stdin io.Reader, year int, rb *maillog.Rebu
 			case perr != nil:
 				r.sum.bad++
 			default:
-				if !yearFixed && name != "-" && r.sum.postfix == 0 && e.Time.Month() == time.December {
-					if fi, err := os.Stat(name); err == nil && fi.ModTime().Month() == time.January {
+				if first && !yearFixed {
+					if fi, err := os.Stat(name); err == nil && fi.ModTime().Month() < e.Time.Month() {
 						p.Year--
 						e.Time = e.Time.AddDate(-1, 0, 0)
 					}
 				}
+				first = false
 				r.sum.postfix++
 				done, aerr := rb.Add(e)
 				if aerr != nil {

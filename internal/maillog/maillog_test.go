@@ -132,6 +132,12 @@ func TestNewYear(t *testing.T) {
 	if a.Time.Year() != 2026 || b.Time.Year() != 2027 || b.Time.Sub(a.Time) != 2*time.Second {
 		t.Fatalf("%v then %v", a.Time, b.Time)
 	}
+	// Lines of one second may come out of order across midnight.
+	c, _ := p.Parse("Dec 31 23:59:59 mx postfix/qmgr[2]: Q: removed")
+	d, _ := p.Parse("Jan  1 00:00:02 mx postfix/smtpd[1]: connect from a[192.0.2.1]")
+	if c.Time != a.Time || d.Time.Year() != 2027 {
+		t.Fatalf("out of order: %v then %v", c.Time, d.Time)
+	}
 }
 
 // Postfix's refusals: the recipient refused, with the reply and the HELO
@@ -181,5 +187,40 @@ func TestRejectsAndDamage(t *testing.T) {
 	}
 	if queued.QueueID != "Q1" || queued.Size != 999 || len(queued.Rcpts) != 1 || queued.Rcpts[0].Refused {
 		t.Fatalf("queued: %+v", queued)
+	}
+}
+
+// A session whose disconnect line was lost does not hold the later ones;
+// an alias's deliveries stand for the one recipient the client named.
+func TestLostDisconnectAndAliases(t *testing.T) {
+	p := Parser{Year: 2026}
+	rb := NewRebuilder(time.Minute)
+	add := func(l string) []*Session {
+		t.Helper()
+		e, err := p.Parse(l)
+		if err != nil {
+			t.Fatalf("%q: %v", l, err)
+		}
+		done, err := rb.Add(e)
+		if err != nil {
+			t.Fatalf("%q: %v", l, err)
+		}
+		return done
+	}
+	add("Dec  4 10:00:00 mx postfix/smtpd[1]: connect from a[192.0.2.1]") // never disconnects
+	add("Dec  4 10:00:01 mx postfix/smtpd[2]: connect from b[192.0.2.2]")
+	add("Dec  4 10:00:02 mx postfix/smtpd[2]: Q2: client=b[192.0.2.2]")
+	add("Dec  4 10:00:03 mx postfix/smtpd[2]: disconnect from b[192.0.2.2] commands=5")
+	add("Dec  4 10:00:04 mx postfix/local[3]: Q2: to=<bob@mx.example>, orig_to=<team@example.test>, relay=local, status=sent")
+	add("Dec  4 10:00:04 mx postfix/local[3]: Q2: to=<carol@mx.example>, orig_to=<team@example.test>, relay=local, status=sent")
+	if n := rb.Pending(); n != 2 {
+		t.Fatalf("%d pending", n)
+	}
+	out := add("Dec  4 13:00:00 mx postfix/smtpd[9]: connect from c[192.0.2.3]")
+	if len(out) != 2 || out[0].Client.String() != "192.0.2.1" || out[1].Client.String() != "192.0.2.2" {
+		t.Fatalf("released %d sessions after three silent hours", len(out))
+	}
+	if r := out[1].Messages[0].Rcpts; len(r) != 1 || r[0].Addr != "team@example.test" {
+		t.Fatalf("recipients %+v", r)
 	}
 }

@@ -149,10 +149,18 @@ func (p *Parser) timestamp(line string, e *Entry) (string, error) {
 	if p.Year == 0 {
 		p.Year = time.Now().Year()
 	}
-	if p.lastMonth != 0 && mon < p.lastMonth && p.lastMonth-mon > 6 {
+	year := p.Year
+	switch {
+	case p.lastMonth != 0 && mon < p.lastMonth && p.lastMonth-mon > 6:
 		p.Year++ // New Year
+		year = p.Year
+		p.lastMonth = mon
+	case p.lastMonth != 0 && mon > p.lastMonth && mon-p.lastMonth > 6:
+		// A late line of the old year after New Year's first ones.
+		year--
+	default:
+		p.lastMonth = mon
 	}
-	p.lastMonth = mon
-	e.Time = time.Date(p.Year, mon, day, clock.Hour(), clock.Minute(), clock.Second(), 0, loc)
+	e.Time = time.Date(year, mon, day, clock.Hour(), clock.Minute(), clock.Second(), 0, loc)
 	return line[16:], nil
 }

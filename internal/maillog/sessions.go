@@ -58,6 +58,11 @@ type Rebuilder struct {
 	seq   int // sessions so far: one process serves many in a second
 }
 
+// maxSilence ends a session no line has mentioned for this long: longer
+// than any smtpd timeout (smtpd_timeout is 300 s, a DATA phase hours at
+// most on a slow link).
+const maxSilence = 2 * time.Hour
+
 // NewRebuilder makes a Rebuilder that waits grace after a disconnect.
 func NewRebuilder(grace time.Duration) *Rebuilder {
 	return &Rebuilder{Grace: grace, open: map[string]*Session{}, byQID: map[string]*Message{}, qidOf: map[*Message]string{}}
@@ -91,6 +96,13 @@ func (r *Rebuilder) release(all bool) []*Session {
 	n := 0
 	for n < len(r.order) {
 		s := r.order[n]
+		// A session whose disconnect line never came (smtpd crashed,
+		// Postfix stopped) must not hold every later one: after
+		// maxSilence without a line it is over.
+		if !s.disconnected && r.now.Sub(s.End) > maxSilence {
+			s.disconnected = true
+			delete(r.open, s.key)
+		}
 		if !all && !(s.disconnected && !r.now.Before(s.End.Add(r.Grace))) {
 			break
 		}
@@ -99,7 +111,10 @@ func (r *Rebuilder) release(all bool) []*Session {
 		}
 		for _, m := range s.Messages {
 			if q, ok := r.qidOf[m]; ok {
-				delete(r.byQID, q)
+				// A short queue id may already be reused by a newer message.
+				if r.byQID[q] == m {
+					delete(r.byQID, q)
+				}
 				delete(r.qidOf, m)
 			}
 		}
@@ -259,6 +274,10 @@ func (r *Rebuilder) delivery(e Entry) {
 		return
 	}
 	to, _ := field(rest, "to=<")
+	// An alias expands to several deliveries: the client named orig_to.
+	if orig, ok := field(rest, "orig_to=<"); ok {
+		to = orig
+	}
 	for _, rc := range msg.Rcpts {
 		if rc.Addr == to && !rc.Refused {
 			return // a second attempt at a deferred recipient

@@ -181,13 +181,20 @@ func boundedFormat(fn *lua.LFunction) lua.LGFunction {
 				k++
 				digits()
 			}
+			// Only Lua's conversions: Go's Sprintf, which runs the format,
+			// would also take %[1]s (an argument again and again) and
+			// others the count below does not know.
+			if k >= len(f) || strings.IndexByte("cdiouxXeEfgGqs", f[k]) < 0 {
+				L.RaiseError("invalid option in format (Lua's are %%c %%d %%i %%o %%u %%x %%X %%e %%E %%f %%g %%G %%q %%s)")
+			}
 			// Width and precision are at most 99 each; a number's
 			// longest form (%f of 1e308) is about 320 bytes.
 			size += 99 + 99 + 330
 			if arg <= L.GetTop() {
 				if s, ok := L.Get(arg).(lua.LString); ok {
-					// %q may write each byte as an escape.
-					if k < len(f) && f[k] == 'q' {
+					// %q may write each byte as an escape, %x as two
+					// digits and a space.
+					if f[k] == 'q' || f[k] == 'x' || f[k] == 'X' {
 						size += 3 * len(s)
 					}
 					size += len(s)

@@ -282,6 +282,7 @@ func TestBudgetsAndErrors(t *testing.T) {
 		{"one huge gsub", `local s = string.rep("x", 1e6) s:gsub("", string.rep("y", 1e6))`, "string.gsub: the result would exceed 1048576 bytes"},
 		{"one huge gsub by captures", `local s = string.rep("x", 1e5) s:gsub("(.*)", string.rep("%1", 4e5))`, "string.gsub: the result would exceed 1048576 bytes"},
 		{"format width", `string.format("%0999999d", 1)`, "invalid format (width or precision too long)"},
+		{"format argument again", `string.format(string.rep("%[1]s", 900), "x")`, "invalid option in format"},
 		{"one huge format", `local a = string.rep("x", 1e6) local f = string.rep("%s", 4000)
 		  local t = {} for i = 1, 4000 do t[i] = a end string.format(f, unpack(t))`, "string.format: the result would exceed 1048576 bytes"},
 		{"one huge table.concat", `local a = string.rep("x", 1e6) local t = {} for i = 1, 5000 do t[i] = a end table.concat(t)`, "table.concat: the result would exceed 1048576 bytes"},

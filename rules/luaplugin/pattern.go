@@ -433,8 +433,8 @@ func newMatcher(L *lua.LState, src, pat string) *matcher {
 	return &matcher{ctx: L.Context(), src: src, pat: pat}
 }
 
-// startIndex turns Lua's init argument into a byte offset, or -1 past
-// the end.
+// startIndex turns Lua's init argument into a byte offset; as in Lua
+// 5.1, one past the end is as far as it goes.
 func startIndex(init, l int) int {
 	switch {
 	case init < 0:
@@ -442,10 +442,7 @@ func startIndex(init, l int) int {
 	case init == 0:
 		init = 1
 	}
-	if init > l+1 {
-		return -1
-	}
-	return init - 1
+	return min(init, l+1) - 1
 }
 
 const specials = "^$*+?.([%-"
