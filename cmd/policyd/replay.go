@@ -3,6 +3,7 @@ package main
 import (
 	"bufio"
 	"compress/gzip"
+	"container/heap"
 	"context"
 	"encoding/json"
 	"errors"
@@ -23,8 +24,8 @@ import (
 )
 
 // replayCommand is `policyd replay`: what the chain would have done to the
-// sessions of a Postfix log. The sessions run through the chain in the
-// order they connected, each hook at its log time on the engine's clock,
+// sessions of a Postfix log. The sessions' steps run through the chain in
+// log-time order, across sessions, each at its log time on the engine's clock,
 // on a scratch embedded store, in a global dry run (the chain goes on as
 // Postfix did); every would-be decision is reported.
 func replayCommand(args []string, stdin io.Reader, stdout, stderr io.Writer) int {
@@ -108,6 +109,11 @@ flags:
 			}
 			r.session(s)
 		}
+		if len(sessions) > 0 {
+			// With no session held, every step queued is in the past.
+			t, _ := rb.Oldest()
+			r.runUntil(t)
+		}
 	}
 	files := fset.Args()
 	if len(files) == 0 {
@@ -120,6 +126,7 @@ flags:
 		}
 	}
 	run(rb.Flush())
+	r.runUntil(time.Time{})
 	sumOut := stdout
 	if asJSON {
 		sumOut = stderr
@@ -157,7 +164,8 @@ type replayer struct {
 	out *json.Encoder
 	sum *replaySummary
 	// port numbers the sessions: the log has no client port.
-	port int
+	port, seq int
+	queue     eventHeap
 }
 
 // read streams one file (or stdin for "-") through the parser.
@@ -247,19 +255,70 @@ type replayLine struct {
 	Text      string `json:"text"`
 }
 
-// session runs one session through the chain.
+// replayEvent is one step of a session at its log time. Sessions overlap:
+// their steps are run in time order across sessions (events), so each
+// hook meets the clock, and the store, at its own moment.
+type replayEvent struct {
+	t    time.Time
+	seq  int // the session's number: ties keep sessions apart
+	step int // the step's place in its session: ties keep its order
+	run  func()
+}
+
+type eventHeap []*replayEvent
+
+func (h eventHeap) Len() int { return len(h) }
+func (h eventHeap) Less(i, j int) bool {
+	if !h[i].t.Equal(h[j].t) {
+		return h[i].t.Before(h[j].t)
+	}
+	if h[i].seq != h[j].seq {
+		return h[i].seq < h[j].seq
+	}
+	return h[i].step < h[j].step
+}
+func (h eventHeap) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
+func (h *eventHeap) Push(x any)   { *h = append(*h, x.(*replayEvent)) }
+func (h *eventHeap) Pop() any {
+	old := *h
+	e := old[len(old)-1]
+	*h = old[:len(old)-1]
+	return e
+}
+
+// runUntil runs the queued steps before t (all of them when t is zero):
+// the sessions not yet complete connected at t or later, so no step of
+// theirs can come before it.
+func (r *replayer) runUntil(t time.Time) {
+	for r.queue.Len() > 0 && (t.IsZero() || r.queue[0].t.Before(t)) {
+		e := heap.Pop(&r.queue).(*replayEvent)
+		r.clk.set(e.t)
+		e.run()
+	}
+}
+
+// session queues the steps of one session.
 func (r *replayer) session(s *maillog.Session) {
 	ctx := context.Background()
 	r.port++
-	r.clk.set(s.Start)
+	r.seq++
 	r.sum.session(s)
-	conv := rules.NewConversation(r.c, "replay", s.Client, r.port, s.Start)
-	conv.ID = s.ID
-	conv.ClientName = s.ClientName
-	conv.AuthUser = s.SASL
-	// hook runs one step and reports its would-be decisions; rcpts are
-	// the recipients a refusal there would have cost.
+	var conv *rules.Conversation
 	var msg *maillog.Message
+	seq, step := r.seq, 0
+	last := s.Start
+	add := func(t time.Time, run func()) {
+		// A session's steps never go back in time: a refused RCPT logged
+		// a moment before its message's client= line stays after MAIL.
+		if t.Before(last) {
+			t = last
+		}
+		last = t
+		step++
+		heap.Push(&r.queue, &replayEvent{t: t, seq: seq, step: step, run: run})
+	}
+	// hook reports a step's would-be decisions; rcpts are the recipients
+	// a refusal there would have cost.
 	hook := func(d rules.Decision, rcpt string, rcpts []maillog.Rcpt) {
 		for _, row := range r.tap.take() {
 			code := defaultCode(row.answer)
@@ -277,50 +336,56 @@ func (r *replayer) session(s *maillog.Session) {
 			r.sum.decision(s, line, rcpts)
 		}
 	}
-	sessionRcpts := func() []maillog.Rcpt {
-		var out []maillog.Rcpt
-		for _, m := range s.Messages {
-			out = append(out, m.Rcpts...)
+	var all []maillog.Rcpt
+	for _, m := range s.Messages {
+		all = append(all, m.Rcpts...)
+	}
+	port := r.port
+	add(s.Start, func() {
+		conv = rules.NewConversation(r.c, "replay", s.Client, port, s.Start)
+		conv.ID, conv.ClientName, conv.AuthUser = s.ID, s.ClientName, s.SASL
+		hook(conv.Connect(ctx), "", all)
+		if s.Helo != "" {
+			hook(conv.Helo(ctx, s.Helo), "", all)
 		}
-		return out
-	}
-	hook(conv.Connect(ctx), "", sessionRcpts())
-	if s.Helo != "" {
-		hook(conv.Helo(ctx, s.Helo), "", sessionRcpts())
-	}
+	})
 	msgs := slices.Clone(s.Messages)
 	sort.SliceStable(msgs, func(i, j int) bool { return msgs[i].Start.Before(msgs[j].Start) })
 	for i, m := range msgs {
-		msg = m
-		r.clk.set(m.Start)
 		id := m.QueueID
 		if id == "" {
 			id = fmt.Sprintf("%s/noqueue-%d", s.ID, i)
 		}
-		hook(conv.Mail(ctx, rules.MailFrom{Sender: m.Sender, ID: id, QueueID: m.QueueID}), "", m.Rcpts)
+		add(m.Start, func() {
+			msg = m
+			hook(conv.Mail(ctx, rules.MailFrom{Sender: m.Sender, ID: id, QueueID: m.QueueID}), "", m.Rcpts)
+		})
 		rcpts := slices.Clone(m.Rcpts)
 		sort.SliceStable(rcpts, func(i, j int) bool { return rcpts[i].Time.Before(rcpts[j].Time) })
 		accepted := 0
 		for _, rc := range rcpts {
-			r.clk.set(rc.Time)
-			if conv.Txn != nil {
-				conv.Txn.Size = m.Size
-			}
-			hook(conv.Rcpt(ctx, rc.Addr), rc.Addr, []maillog.Rcpt{rc})
+			add(rc.Time, func() {
+				if conv.Txn != nil {
+					conv.Txn.Size = m.Size
+				}
+				hook(conv.Rcpt(ctx, rc.Addr), rc.Addr, []maillog.Rcpt{rc})
+			})
 			if !rc.Refused {
 				accepted++
 			}
 		}
 		if accepted > 0 && !m.Queued.IsZero() {
-			r.clk.set(m.Queued)
-			hook(conv.Data(ctx), "", m.Rcpts)
-			hook(conv.DataPost(ctx), "", m.Rcpts)
+			add(m.Queued, func() {
+				hook(conv.Data(ctx), "", m.Rcpts)
+				hook(conv.DataPost(ctx), "", m.Rcpts)
+			})
 		}
 	}
-	msg = nil
-	r.clk.set(s.End)
-	conv.End(ctx)
-	r.tap.take()
+	add(s.End, func() {
+		msg = nil
+		conv.End(ctx)
+		r.tap.take()
+	})
 }
 
 func defaultCode(answer string) int {

@@ -117,3 +117,29 @@ func TestReplayAgreesWithLive(t *testing.T) {
 		t.Logf("replay summary:\n%s\nmaillog:\n%s", stderr.String(), pf.Maillog())
 	}
 }
+
+// Overlapping sessions: each step runs at its own log time, across
+// sessions. A's message is queued at 10:05, B (the same client) connects
+// at 10:00:10 and is connection_shaper's second session within the
+// window: its decision is dated 10:00:10, not after A's last step.
+func TestReplayOverlappingSessions(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("connection_shaper threshold 1 exptime 60\n"), 0o644)
+	log := filepath.Join(t.TempDir(), "maillog")
+	os.WriteFile(log, []byte(`Dec 04 10:00:00 mx postfix/smtpd[1]: connect from a[192.0.2.5]
+Dec 04 10:00:01 mx postfix/smtpd[1]: QA: client=a[192.0.2.5]
+Dec 04 10:00:10 mx postfix/smtpd[2]: connect from a[192.0.2.5]
+Dec 04 10:00:11 mx postfix/smtpd[2]: disconnect from a[192.0.2.5] ehlo=1 quit=1 commands=2
+Dec 04 10:05:00 mx postfix/qmgr[3]: QA: from=<s@example.org>, size=10, nrcpt=1 (queue active)
+Dec 04 10:05:00 mx postfix/smtpd[1]: disconnect from a[192.0.2.5] ehlo=1 mail=1 rcpt=1 data=1 quit=1 commands=5
+Dec 04 10:05:01 mx postfix/local[4]: QA: to=<r@example.test>, relay=local, status=sent (delivered)
+`), 0o644)
+	var stdout, stderr bytes.Buffer
+	if rc := replayCommand([]string{"--config", cfg, "--json", "--year", "2026", log}, nil, &stdout, &stderr); rc != 0 {
+		t.Fatalf("rc %d\n%s", rc, stderr.String())
+	}
+	var l replayLine
+	if err := json.Unmarshal(stdout.Bytes(), &l); err != nil || l.Time != "2026-12-04T10:00:10Z" || l.Rule != "connection_shaper" || l.Hook != "connect" {
+		t.Fatalf("%v: %s\n%s", err, stdout.String(), stderr.String())
+	}
+}

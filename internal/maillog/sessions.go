@@ -89,6 +89,15 @@ func (r *Rebuilder) Add(e Entry) ([]*Session, error) {
 // Flush ends the input: every session left comes out.
 func (r *Rebuilder) Flush() []*Session { return r.release(true) }
 
+// Oldest is the connect time of the first session still held: every
+// session yet to come out connected then or later.
+func (r *Rebuilder) Oldest() (time.Time, bool) {
+	if len(r.order) == 0 {
+		return time.Time{}, false
+	}
+	return r.order[0].Start, true
+}
+
 // Pending is how many sessions are held.
 func (r *Rebuilder) Pending() int { return len(r.order) }
 
