@@ -365,8 +365,9 @@ func targetOf(req *Request, connID uint64) (target, bool) {
 
 func (s *Server) answerFor(req *Request, tg target, ok bool) (string, time.Duration) {
 	if !ok {
-		switch _, known := stageOf(req.ProtocolState); {
-		case !known:
+		_, known := stageOf(req.ProtocolState)
+		switch {
+		case !known && req.ProtocolState != StateDisconnect:
 			s.log.Warn("unknown protocol_state, answering DUNNO", "protocol_state", req.ProtocolState, "client", req.ClientAddress)
 		case req.Request != "smtpd_access_policy":
 			s.log.Warn("not an smtpd_access_policy request, answering DUNNO", "request", req.Request)
