@@ -89,8 +89,41 @@ sm_missing_libs() { # prints the libraries the binary of tree $1 cannot find
   LD_LIBRARY_PATH=$(sm_libpath "$1") ldd "$bin" 2>/dev/null | awk '/not found/ {print $1}'
 }
 
-sm_tmp=
-trap 'if [ -n "$sm_tmp" ]; then rm -rf "$sm_tmp"; fi' EXIT
+# fetch_debs ROOT PKG...: downloads PKGs and unpacks them into a new
+# directory beside ROOT, left in $fetched (the tree is its tree/, the
+# packages' versions in tree/.versions). On failure it says why (cannot,
+# which exits under CI=true) and fails. The directory is removed at exit
+# unless moved. Not to be run in a subshell: cannot must end the script.
+fetch_tmps=()
+trap 'for d in "${fetch_tmps[@]}"; do rm -rf "$d"; done' EXIT
+fetch_debs() {
+  local root=$1
+  shift
+  mkdir -p "$(dirname "$root")"
+  local tmp
+  tmp=$(mktemp -d "$root.tmp.XXXXXX")
+  fetch_tmps+=("$tmp")
+  mkdir "$tmp/debs" "$tmp/tree"
+  # As root apt drops to the _apt user for downloads, which cannot write
+  # into a 0700 temporary directory: download as root.
+  local dl=(apt-get -qq -o APT::Sandbox::User=root download "$@")
+  if ! (cd "$tmp/debs" && "${dl[@]}") 2>"$tmp/err"; then
+    # A fresh machine may have no package lists yet.
+    if [ "$(id -u)" -eq 0 ] && apt_update && (cd "$tmp/debs" && "${dl[@]}") 2>"$tmp/err"; then
+      :
+    else
+      cat "$tmp/err" >&2
+      cannot "could not download $*"
+      return 1
+    fi
+  fi
+  local deb
+  for deb in "$tmp"/debs/*.deb; do
+    dpkg-deb -x "$deb" "$tmp/tree"
+    dpkg-deb -W --showformat='${Package} ${Version}\n' "$deb" >>"$tmp/tree/.versions"
+  done
+  fetched=$tmp
+}
 
 provision_sendmail() {
   if [ -f "$sm_stamp" ] && sm_binary "$sm_root" >/dev/null &&
@@ -102,29 +135,8 @@ provision_sendmail() {
     return 0
   fi
   echo "install-deps: unpacking ${sm_pkgs[*]} into $sm_root"
-  mkdir -p "$(dirname "$sm_root")"
-  local tmp
-  tmp=$(mktemp -d "$sm_root.tmp.XXXXXX")
-  sm_tmp=$tmp
-  mkdir "$tmp/debs" "$tmp/tree"
-  # As root apt drops to the _apt user for downloads, which cannot write
-  # into a 0700 temporary directory: download as root.
-  local dl=(apt-get -qq -o APT::Sandbox::User=root download "${sm_pkgs[@]}")
-  if ! (cd "$tmp/debs" && "${dl[@]}") 2>"$tmp/err"; then
-    # A fresh machine may have no package lists yet.
-    if [ "$(id -u)" -eq 0 ] && apt_update && (cd "$tmp/debs" && "${dl[@]}") 2>"$tmp/err"; then
-      :
-    else
-      cat "$tmp/err" >&2
-      cannot "could not download ${sm_pkgs[*]}"
-      return 0
-    fi
-  fi
-  local deb
-  for deb in "$tmp"/debs/*.deb; do
-    dpkg-deb -x "$deb" "$tmp/tree"
-    dpkg-deb -W --showformat='${Package} ${Version}\n' "$deb" >>"$tmp/tree/.versions"
-  done
+  fetch_debs "$sm_root" "${sm_pkgs[@]}" || return 0
+  local tmp=$fetched
   local bin
   if ! bin=$(sm_binary "$tmp/tree"); then
     cannot "the sendmail-bin package has no sendmail binary where expected"
@@ -193,26 +205,8 @@ provision_exim() {
   fi
   if [ ! -x "$ex_bin" ] || [ ! -f "$ex_root/.provisioned" ]; then
     echo "install-deps: unpacking exim4-daemon-light into $ex_root"
-    mkdir -p "$(dirname "$ex_root")"
-    local tmp
-    tmp=$(mktemp -d "$ex_root.tmp.XXXXXX")
-    sm_tmp=$tmp
-    mkdir "$tmp/debs" "$tmp/tree"
-    local dl=(apt-get -qq -o APT::Sandbox::User=root download exim4-daemon-light)
-    if ! (cd "$tmp/debs" && "${dl[@]}") 2>"$tmp/err"; then
-      if [ "$(id -u)" -eq 0 ] && apt_update && (cd "$tmp/debs" && "${dl[@]}") 2>"$tmp/err"; then
-        :
-      else
-        cat "$tmp/err" >&2
-        cannot "could not download exim4-daemon-light"
-        return 0
-      fi
-    fi
-    local deb
-    for deb in "$tmp"/debs/*.deb; do
-      dpkg-deb -x "$deb" "$tmp/tree"
-      dpkg-deb -W --showformat='${Package} ${Version}\n' "$deb" >>"$tmp/tree/.versions"
-    done
+    fetch_debs "$ex_root" exim4-daemon-light || return 0
+    local tmp=$fetched
     date -u +%FT%TZ >"$tmp/tree/.provisioned"
     rm -rf "$ex_root"
     mv "$tmp/tree" "$ex_root"

@@ -9,24 +9,9 @@ import (
 	"github.com/policyd-mail/policyd/internal/testing/testmta"
 )
 
-// eximOptions wires a private Exim to policyd exactly as deploy/exim says:
-// the ACL files as they are in the repository, .included, and the socket
-// in the POLICYD_SOCKET macro.
+// eximOptions wires a private Exim to policyd as deploy/exim says.
 func eximOptions(t testing.TB, policy string) testmta.EximOptions {
-	t.Helper()
-	abs := func(rel string) string {
-		p, err := filepath.Abs(filepath.Join(repoRoot, rel))
-		if err != nil {
-			t.Fatal(err)
-		}
-		return p
-	}
-	return testmta.EximOptions{
-		Main: []string{"POLICYD_SOCKET = inet:" + policy},
-		Rcpt: []string{abs("deploy/exim/policyd.acl")},
-		Data: []string{abs("deploy/exim/policyd-data.acl")},
-		Quit: []string{abs("deploy/exim/policyd-quit.acl")},
-	}
+	return testmta.EximDeployOptions(t, repoRoot, policy)
 }
 
 // oneLine joins a multi-line reply's texts: Exim folds long texts.

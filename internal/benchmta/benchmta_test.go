@@ -124,19 +124,7 @@ func eximOptions(b *testing.B, policy string) testmta.EximOptions {
 	if policy == "" {
 		return testmta.EximOptions{}
 	}
-	abs := func(name string) string {
-		p, err := filepath.Abs(filepath.Join("..", "..", "deploy", "exim", name))
-		if err != nil {
-			b.Fatal(err)
-		}
-		return p
-	}
-	return testmta.EximOptions{
-		Main: []string{"POLICYD_SOCKET = inet:" + policy},
-		Rcpt: []string{abs("policyd.acl")},
-		Data: []string{abs("policyd-data.acl")},
-		Quit: []string{abs("policyd-quit.acl")},
-	}
+	return testmta.EximDeployOptions(b, filepath.Join("..", ".."), policy)
 }
 
 func joinRates(r []float64) string {

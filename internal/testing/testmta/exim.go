@@ -48,6 +48,27 @@ type EximOptions struct {
 	Quit []string
 }
 
+// EximDeployOptions wires a private Exim to a policy server at policy
+// exactly as deploy/exim says: the repository's ACL files, .included as
+// they are, and the socket in the POLICYD_SOCKET macro. repo is the
+// checkout's top directory, seen from the test.
+func EximDeployOptions(t testing.TB, repo, policy string) EximOptions {
+	t.Helper()
+	abs := func(name string) string {
+		p, err := filepath.Abs(filepath.Join(repo, "deploy", "exim", name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return p
+	}
+	return EximOptions{
+		Main: []string{"POLICYD_SOCKET = inet:" + policy},
+		Rcpt: []string{abs("policyd.acl")},
+		Data: []string{abs("policyd-data.acl")},
+		Quit: []string{abs("policyd-quit.acl")},
+	}
+}
+
 // EximConf is a private Exim's configuration and directories; -bh runs
 // and a daemon both use it.
 type EximConf struct {
@@ -83,19 +104,10 @@ func NewEximConf(t testing.TB, o EximOptions) *EximConf {
 	if os.Geteuid() != 0 {
 		t.Fatalf("testmta: the private Exim must be run as root (euid is %d)", os.Geteuid())
 	}
-	dir, fromTempDir, err := instanceDir(t)
+	// Exim's user writes the spool and the logs.
+	dir, err := reachableDir(t)
 	if err != nil {
 		t.Fatal(err)
-	}
-	// Exim's user writes the spool and the logs; the test directories
-	// above are 0700.
-	if err := os.Chmod(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	if fromTempDir {
-		if err := os.Chmod(filepath.Dir(dir), 0o755); err != nil {
-			t.Fatal(err)
-		}
 	}
 	port, err := testnet.FreePort()
 	if err != nil {

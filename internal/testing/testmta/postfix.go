@@ -196,6 +196,24 @@ func instanceDir(t testing.TB) (dir string, fromTempDir bool, err error) {
 	return short, false, nil
 }
 
+// reachableDir is instanceDir opened to the MTA's own user: t.TempDir()
+// and the per-test directory above it are created with mode 0700.
+func reachableDir(t testing.TB) (string, error) {
+	dir, fromTempDir, err := instanceDir(t)
+	if err != nil {
+		return "", err
+	}
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return "", err
+	}
+	if fromTempDir {
+		if err := os.Chmod(filepath.Dir(dir), 0o755); err != nil {
+			return "", err
+		}
+	}
+	return dir, nil
+}
+
 // waitGroupGone waits until no live process is left in process group pgid.
 func waitGroupGone(pgid int, timeout time.Duration) bool {
 	deadline := time.Now().Add(timeout)
@@ -210,19 +228,10 @@ func waitGroupGone(pgid int, timeout time.Duration) bool {
 
 func start(t testing.TB, master string, owner ids, o Options) (*Postfix, error) {
 	t.Helper()
-	dir, fromTempDir, err := instanceDir(t)
+	// The postfix user has to reach the queue directory.
+	dir, err := reachableDir(t)
 	if err != nil {
 		return nil, err
-	}
-	// The postfix user has to reach the queue directory, but t.TempDir()
-	// and the per-test directory above it are created with mode 0700.
-	if err := os.Chmod(dir, 0o755); err != nil {
-		return nil, err
-	}
-	if fromTempDir {
-		if err := os.Chmod(filepath.Dir(dir), 0o755); err != nil {
-			return nil, err
-		}
 	}
 	port, err := testnet.FreePort()
 	if err != nil {
