@@ -76,6 +76,11 @@ type Options struct {
 	// Overlap, when set, watches for one session coming through both
 	// front-ends; it outlives reloads.
 	Overlap *Overlap
+	// ReadAhead sends the connect hook's declared reads (ConnectReader)
+	// as the hook starts. Worth it on a store across the network; on the
+	// embedded store a read costs less than the goroutine that would
+	// send it.
+	ReadAhead bool
 }
 
 // tempfailText is what a client reads when policyd itself is in trouble
@@ -111,6 +116,7 @@ type Chain struct {
 	entries []*entry
 	hooks   [numHooks][]*entry
 	fns     [numHooks][]hookFunc
+	readers []ConnectReader // the connect hook's, with Options.ReadAhead
 	opts    Options
 	panics  atomic.Int64
 	errors  atomic.Int64
@@ -363,6 +369,9 @@ func (c *Chain) add(e *entry) {
 	}
 	if x, ok := r.(ConnectHook); ok {
 		reg(HookConnect, x.Connect)
+		if y, ok := r.(ConnectReader); ok && c.opts.ReadAhead {
+			c.readers = append(c.readers, y)
+		}
 	}
 	if x, ok := r.(HeloHook); ok {
 		reg(HookHelo, x.Helo)

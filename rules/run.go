@@ -47,6 +47,10 @@ func (c *Chain) run(ctx context.Context, h Hook, s *Session) Decision {
 		c.notify(ctx, h, s)
 		return Decision{Hook: h}
 	}
+	if h == HookConnect && len(c.readers) > 0 {
+		c.startReads(ctx, s)
+		defer func() { s.ahead = nil }()
+	}
 	var t delays
 	var first *Decision // a global trial's first would-be decision
 	for i, e := range c.hooks[h] {

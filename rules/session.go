@@ -28,6 +28,9 @@ type Session struct {
 	// changes the rules halfway through a session.
 	chain *Chain
 	st    sessionState
+	// ahead holds the connect hook's reads sent early (readahead.go),
+	// for the length of that hook.
+	ahead []*readAhead
 }
 
 // Transaction is one message: from MAIL to end of message or RSET.

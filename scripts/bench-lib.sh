@@ -79,7 +79,7 @@ start_policyd() {
 		pd_milter=127.0.0.1:$(free_port)
 		pd_http=127.0.0.1:$(free_port)
 		state=$(mktemp -d "$work/state.XXXXXX")
-		"$work/policyd" serve --config "${config:-$work/config}" --store "$store" --state-dir "$state" \
+		"${pd_bin:-$work/policyd}" serve --config "${config:-$work/config}" --store "$store" --state-dir "$state" \
 			--policy-listen "$pd_policy" --milter-listen "$pd_milter" --http-listen "$pd_http" \
 			--log-level warn 2>>"$work/policyd.log" &
 		pd_pid=$!

@@ -221,7 +221,8 @@ func start(o options, log *slog.Logger) (*daemon, error) {
 				"client", client.String(), "port", port)
 		},
 	}
-	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m, Overlap: overlap, PluginDirs: o.pluginDirs()}
+	d.opts = rules.Options{Store: st, Logger: log, OnStoreError: policy, DryRun: o.dryRun, Metrics: m, Overlap: overlap, PluginDirs: o.pluginDirs(),
+		ReadAhead: o.storeURL != "memory"}
 	c, err := d.load()
 	if err != nil {
 		closeAll()

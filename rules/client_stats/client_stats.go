@@ -105,12 +105,13 @@ type Recorder struct {
 }
 
 var (
-	_ rules.ConnectHook  = (*Recorder)(nil)
-	_ rules.ClientKeyer  = (*Recorder)(nil)
-	_ rules.DataPostHook = (*Recorder)(nil)
-	_ rules.ResetHook    = (*Recorder)(nil)
-	_ rules.DenyObserver = (*Recorder)(nil)
-	_ rules.OKObserver   = (*Recorder)(nil)
+	_ rules.ConnectHook   = (*Recorder)(nil)
+	_ rules.ConnectReader = (*Recorder)(nil)
+	_ rules.ClientKeyer   = (*Recorder)(nil)
+	_ rules.DataPostHook  = (*Recorder)(nil)
+	_ rules.ResetHook     = (*Recorder)(nil)
+	_ rules.DenyObserver  = (*Recorder)(nil)
+	_ rules.OKObserver    = (*Recorder)(nil)
 )
 
 func setup(b *rules.Binder, env rules.Env) (any, error) {
@@ -130,10 +131,13 @@ func (r *Recorder) Connect(ctx context.Context, s *rules.Session) (rules.Result,
 	if !ok {
 		return rules.Result{}, nil
 	}
-	keys := keysOf(r.keys, nets)
-	recs, err := r.store.HGet(ctx, keys[:]...)
+	recs, ok, err := s.ReadAhead(ctx, r)
+	if !ok {
+		keys := keysOf(r.keys, nets)
+		recs, err = r.store.HGet(ctx, keys[:]...)
+	}
 	if err != nil {
-		return rules.Result{}, fmt.Errorf("client_stats read %s: %w", keys[0], err)
+		return rules.Result{}, fmt.Errorf("client_stats read the records of %s: %w", s.Client, err)
 	}
 	st := Stats{Network: nets[0]}
 	for i, rec := range recs {
@@ -144,6 +148,16 @@ func (r *Recorder) Connect(ctx context.Context, s *rules.Session) (rules.Result,
 	}
 	s.Notes.Set(NoteKey, st)
 	return rules.Result{}, nil
+}
+
+// ConnectReads declares Connect's read (rules.ConnectReader).
+func (r *Recorder) ConnectReads(s *rules.Session) []string {
+	nets, ok := Networks(s.Client)
+	if !ok {
+		return nil
+	}
+	keys := keysOf(r.keys, nets)
+	return keys[:]
 }
 
 // DataPost marks the message accepted as far as this rule can tell: every

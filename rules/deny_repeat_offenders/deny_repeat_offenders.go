@@ -39,9 +39,10 @@ type Offenders struct {
 }
 
 var (
-	_ rules.ConnectHook  = (*Offenders)(nil)
-	_ rules.ClientKeyer  = (*Offenders)(nil)
-	_ rules.DenyObserver = (*Offenders)(nil)
+	_ rules.ConnectHook   = (*Offenders)(nil)
+	_ rules.ConnectReader = (*Offenders)(nil)
+	_ rules.ClientKeyer   = (*Offenders)(nil)
+	_ rules.DenyObserver  = (*Offenders)(nil)
 )
 
 // keys are the settings the rule reads; positional tells them from the
@@ -125,10 +126,12 @@ func (o *Offenders) Connect(ctx context.Context, s *rules.Session) (rules.Result
 	if s.Whitelisted() {
 		return rules.Result{}, nil
 	}
-	key := o.key(s)
-	recs, err := o.store.HGet(ctx, key)
+	recs, ok, err := s.ReadAhead(ctx, o)
+	if !ok {
+		recs, err = o.store.HGet(ctx, o.key(s))
+	}
 	if err != nil {
-		return rules.Result{}, fmt.Errorf("deny_repeat_offenders read %s: %w", key, err)
+		return rules.Result{}, fmt.Errorf("deny_repeat_offenders read the record of %s: %w", s.Client, err)
 	}
 	if len(recs) == 0 || recs[0] == nil {
 		return rules.Result{}, nil
@@ -140,6 +143,16 @@ func (o *Offenders) Connect(ctx context.Context, s *rules.Session) (rules.Result
 		return rules.Result{}, nil
 	}
 	return rules.Decided(rules.DenySoft, Text), nil
+}
+
+// ConnectReads declares Connect's read (rules.ConnectReader). The
+// whitelist has not yet spoken when the chain asks: a whitelisted
+// client's record is read and not used.
+func (o *Offenders) ConnectReads(s *rules.Session) []string {
+	if s.Whitelisted() {
+		return nil
+	}
+	return []string{o.key(s)}
 }
 
 // ClientKeys declares where the rule keeps its records (rules.ClientKeyer).

@@ -63,6 +63,9 @@ type Options struct {
 	// expiry is the store's own clock: a scenario that advances the fake
 	// clock past a ttl needs the memory store.
 	Store store.Store
+	// ReadAhead sends the connect hook's declared reads early, as the
+	// daemon does on Redis (rules.Options.ReadAhead).
+	ReadAhead bool
 }
 
 // New builds a chain from a plugins file and the rules' own files.
@@ -87,7 +90,7 @@ func NewWith(t testing.TB, plugins string, files map[string]string, o Options) *
 	logger := slog.New(slog.NewTextHandler(&lockedWriter{w: h.Logs}, &slog.HandlerOptions{Level: slog.LevelDebug}))
 	c, warns, err := rules.Load(fsys, "config", rules.Options{
 		Store: h.Store, Clock: h.Clock, Logger: logger,
-		OnStoreError: o.OnStoreError, DryRun: o.DryRun, Metrics: o.Metrics,
+		OnStoreError: o.OnStoreError, DryRun: o.DryRun, Metrics: o.Metrics, ReadAhead: o.ReadAhead,
 	})
 	if err != nil {
 		t.Fatalf("config does not load:\n%v", err)
