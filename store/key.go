@@ -223,6 +223,60 @@ func parseValue(s string) (Seg, bool) {
 // parseNetSeg reads an address or network written as net/netip writes
 // it: only then does the key's text follow from the parsed value.
 func parseNetSeg(s string) (Seg, bool) {
+	if n, ok := parseV4Net(s); ok {
+		return Seg{Kind: SegNet, Net: n, raw: s}, true
+	}
+	return parseNetSegSlow(s)
+}
+
+// parseV4Net reads the IPv4 addresses and networks of the mail path's
+// keys in one pass (the embedded store parses every key it is given). It
+// takes only text netip would print, so it agrees with parseNetSegSlow
+// wherever it answers; anything else goes there.
+func parseV4Net(s string) (netip.Prefix, bool) {
+	var a [4]byte
+	i := 0
+	for o := range 4 {
+		if o > 0 {
+			if i >= len(s) || s[i] != '.' {
+				return netip.Prefix{}, false
+			}
+			i++
+		}
+		v, n := decimal(s[i:], 255)
+		if n == 0 {
+			return netip.Prefix{}, false
+		}
+		a[o], i = byte(v), i+n
+	}
+	addr := netip.AddrFrom4(a)
+	if i == len(s) {
+		return netip.PrefixFrom(addr, 32), true
+	}
+	if s[i] != '/' {
+		return netip.Prefix{}, false
+	}
+	bits, n := decimal(s[i+1:], 32)
+	if n == 0 || i+1+n != len(s) {
+		return netip.Prefix{}, false
+	}
+	return netip.PrefixFrom(addr, bits), true
+}
+
+// decimal reads a number at most limit at the start of s as netip prints
+// one (no sign, no leading zero); n is the digits read, 0 if none fit.
+func decimal(s string, limit int) (v, n int) {
+	for n < len(s) && n < 3 && isDigit(s[n]) {
+		v = v*10 + int(s[n]-'0')
+		n++
+	}
+	if n == 0 || n > 1 && s[0] == '0' || v > limit || n < len(s) && isDigit(s[n]) {
+		return 0, 0
+	}
+	return v, n
+}
+
+func parseNetSegSlow(s string) (Seg, bool) {
 	var n netip.Prefix
 	var check [64]byte
 	if strings.IndexByte(s, '/') >= 0 {
@@ -350,17 +404,33 @@ func ClientNet(a netip.Addr, v6bits int) netip.Prefix {
 	return p
 }
 
-// clientTag is a client's TAG: an IPv4 address as it is, an IPv6
+// clientPart is a client's TAG: an IPv4 address as it is, an IPv6
 // client's network with its length, and "any" for no address.
-func clientTag(a netip.Addr, v6bits int) string {
+func clientPart(a netip.Addr, v6bits int) part {
 	if !a.IsValid() {
-		return Any
+		return part{s: Any}
 	}
 	n := ClientNet(a, v6bits)
-	if n.Addr().Is4() {
-		return n.Addr().String()
+	return part{n: n, addr: n.Addr().Is4()}
+}
+
+// part is a tag or an @NET segment, written into the key as it is built:
+// the keys of the mail path are built for every session, and printing
+// each address to a string of its own first doubled their allocations.
+type part struct {
+	s    string       // text as it is; else n
+	n    netip.Prefix // a network, or an address as a /32 with addr
+	addr bool         // print n's address alone
+}
+
+func (p part) appendTo(b []byte) []byte {
+	switch {
+	case p.s != "":
+		return append(b, p.s...)
+	case p.addr:
+		return p.n.Addr().AppendTo(b)
 	}
-	return n.String()
+	return p.n.AppendTo(b)
 }
 
 // Keys builds the keys of one rule instance. The zero value is not
@@ -388,31 +458,31 @@ func (k Keys) IPv6Prefix() int { return k.v6bits }
 
 // Client is the key of a record about client a: "policyd:{a}:rule:words".
 func (k Keys) Client(a netip.Addr, words ...string) string {
-	return k.build(clientTag(a, k.v6bits), words, "")
+	return k.build(clientPart(a, k.v6bits), words, part{})
 }
 
 // Net is the key of a record about network n, under network tag: what
 // client_stats keeps of a client's /24 under its /8 ("…:@10.1.2.0/24").
 func (k Keys) Net(tag, n netip.Prefix, words ...string) string {
-	return k.build(tag.String(), words, "@"+n.String())
+	return k.build(part{n: tag}, words, part{n: n})
 }
 
 // Under is the key of a record filed under network tag without being
 // about it alone (greylisting's triplets of one network).
 func (k Keys) Under(tag netip.Prefix, words ...string) string {
-	return k.build(tag.String(), words, "")
+	return k.build(part{n: tag}, words, part{})
 }
 
 // Any is the key of a record about nobody in particular.
 func (k Keys) Any(words ...string) string {
-	return k.build(Any, words, "")
+	return k.build(part{s: Any}, words, part{})
 }
 
 // Value is the key of a record about a value of an attribute: a SASL
 // login, a sender ("policyd:{sasl_username=alice}:ratelimit:messages").
 // attr must be a WORD; value is any text.
 func (k Keys) Value(attr, value string, words ...string) string {
-	return k.build(ValueSeg(attr, value), words, "")
+	return k.build(part{s: ValueSeg(attr, value)}, words, part{})
 }
 
 // ValueSeg is attr=value as a segment, for a key with several values
@@ -424,33 +494,32 @@ func ValueSeg(attr, value string) string {
 	return attr + "=" + Escape(value)
 }
 
-func (k Keys) build(tag string, words []string, last string) string {
-	var b strings.Builder
-	n := len(Prefix) + len(tag) + len(k.rule) + len(last) + 4
-	for _, w := range words {
-		n += len(w) + 1
-	}
-	b.Grow(n)
-	b.WriteString(Prefix)
-	b.WriteByte('{')
-	b.WriteString(tag)
-	b.WriteString("}:")
-	b.WriteString(k.rule)
+// build writes the key in a buffer on the stack: one allocation, the
+// key itself. last, when set, is the @NET segment.
+func (k Keys) build(tag part, words []string, last part) string {
+	var buf [128]byte
+	b := append(buf[:0], Prefix...)
+	b = append(b, '{')
+	b = tag.appendTo(b)
+	b = append(b, "}:"...)
+	b = append(b, k.rule...)
 	for i, w := range words {
 		// A record's first part cannot be a number: it would read as
 		// an instance. Words are the rule's own constants, so a bad one
 		// is a programming error.
-		if s, ok := parseSeg(w); !ok || i == 0 && s.Kind == SegToken {
-			panic(fmt.Sprintf("store: %q is not a key segment of rule %s", w, k.rule))
+		if !isWord(w) {
+			if s, ok := parseSeg(w); !ok || i == 0 && s.Kind == SegToken {
+				panic(fmt.Sprintf("store: %q is not a key segment of rule %s", w, k.rule))
+			}
 		}
-		b.WriteByte(':')
-		b.WriteString(w)
+		b = append(b, ':')
+		b = append(b, w...)
 	}
-	if last != "" {
-		b.WriteByte(':')
-		b.WriteString(last)
+	if last.n.IsValid() {
+		b = append(b, ":@"...)
+		b = last.appendTo(b)
 	}
-	return b.String()
+	return string(b)
 }
 
 // Key builds "policyd:{tag}:rule:what" from text as it is, for tests
