@@ -43,6 +43,13 @@ profile_args() {
 	esac
 }
 
+# Round trips in a row at a session start, on a real Redis made 2 ms
+# away, with the read-ahead and without (rules/all): "off on".
+"${GO:-go}" test -run '^$' -bench '^BenchmarkConnectRoundTrips$' -benchtime 300x ./rules/all/ |
+	awk '/read-ahead=false/ { for (i = 2; i <= NF; i++) if ($i == "trips/op") off = $(i-1) }
+	     /read-ahead=true/ { for (i = 2; i <= NF; i++) if ($i == "trips/op") on = $(i-1) }
+	     END { if (off == "" || on == "") exit 1; print off, on }' >"$work/res/trips"
+
 # For each store, policyd and the baseline alternate at each point, so a
 # slow patch of the machine hits both.
 for store in memory redis; do
