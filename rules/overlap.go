@@ -19,10 +19,13 @@ type Overlap struct {
 	// Warn is called once, for the first one.
 	Warn func(client netip.Addr, port int)
 
-	mu    sync.Mutex
-	seen  map[overlapKey]overlapSeen
-	swept time.Time
-	once  sync.Once
+	mu sync.Mutex
+	// Two generations of sessions seen: cur since rotated, prev the
+	// window before. Rotating drops prev whole, so no session start
+	// waits on a sweep of the map under the lock.
+	cur, prev map[overlapKey]overlapSeen
+	rotated   time.Time
+	once      sync.Once
 }
 
 type overlapKey struct {
@@ -40,9 +43,10 @@ type overlapSeen struct {
 // first restriction, moments later.
 const overlapWindow = 30 * time.Second
 
-// overlapMax bounds the sessions remembered (~6 MB): past it, new ones
-// go unwatched until the window's sweep; detection is a hint, not a count.
-const overlapMax = 1 << 16
+// overlapMax bounds the sessions a generation remembers (~3 MB): past
+// it, new ones go unwatched until the next rotation; detection is a
+// hint, not a count.
+const overlapMax = 1 << 15
 
 func (o *Overlap) saw(protocol string, client netip.Addr, port int, now time.Time) {
 	if o == nil || port == 0 || !client.IsValid() {
@@ -50,22 +54,16 @@ func (o *Overlap) saw(protocol string, client netip.Addr, port int, now time.Tim
 	}
 	k := overlapKey{client, port}
 	o.mu.Lock()
-	if o.seen == nil {
-		o.seen = map[overlapKey]overlapSeen{}
+	if o.cur == nil || now.Sub(o.rotated) > overlapWindow {
+		// A session seen at most a window ago is in one of the two.
+		o.prev, o.cur, o.rotated = o.cur, make(map[overlapKey]overlapSeen, len(o.cur)), now
 	}
-	if now.Sub(o.swept) > overlapWindow {
-		// Sessions of the last window only: the map stays the size of a
-		// window's worth of connections.
-		for key, s := range o.seen {
-			if now.Sub(s.at) > overlapWindow {
-				delete(o.seen, key)
-			}
-		}
-		o.swept = now
+	prev, ok := o.cur[k]
+	if !ok {
+		prev, ok = o.prev[k]
 	}
-	prev, ok := o.seen[k]
-	if ok || len(o.seen) < overlapMax {
-		o.seen[k] = overlapSeen{protocol, now}
+	if len(o.cur) < overlapMax {
+		o.cur[k] = overlapSeen{protocol, now}
 	}
 	o.mu.Unlock()
 	if !ok || prev.protocol == protocol || now.Sub(prev.at) > overlapWindow {
