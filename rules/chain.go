@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net/netip"
 	"path"
+	"reflect"
 	"sort"
 	"strconv"
 	"strings"
@@ -369,7 +370,12 @@ func (c *Chain) add(e *entry) {
 	}
 	if x, ok := r.(ConnectHook); ok {
 		reg(HookConnect, x.Connect)
-		if y, ok := r.(ConnectReader); ok && c.opts.ReadAhead {
+		// Not in a global trial: there the observers run in the middle
+		// of the connect hook (a would-be refusal does not end it), and
+		// client_stats' and deny_repeat_offenders' own observers write
+		// the records the rules after them read. ReadAhead matches a
+		// reader by comparing it, so its type must be comparable.
+		if y, ok := r.(ConnectReader); ok && c.opts.ReadAhead && !c.opts.DryRun && reflect.TypeOf(y).Comparable() {
 			c.readers = append(c.readers, y)
 		}
 	}

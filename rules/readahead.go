@@ -15,6 +15,11 @@ import "context"
 // chain sends every such read as the hook starts, beside the first
 // rule's own call, and the rule takes the answer with ReadAhead: a
 // session start waits for one round trip, not one per rule.
+//
+// The reads are sent before any rule has run: for a client the
+// whitelist will vouch for, or one an earlier rule refuses, they are
+// read and not used. A global trial (--dry-run) does not read ahead:
+// its observers run in the middle of the hook and write these records.
 type ConnectReader interface {
 	// ConnectReads lists the keys the connect hook will read for s, or
 	// nil when it will read none.

@@ -22,32 +22,40 @@ need curl jq
 
 build
 cp "$work/policyd" "$work/policyd-new"
-git worktree add -q --detach "$work/base" "$rev"
+# The base's tree, without a worktree that an interrupted run would leave
+# registered in .git.
+mkdir "$work/base"
+git archive "$rev" | tar -x -C "$work/base"
 (cd "$work/base" && "${GO:-go}" build -o "$work/policyd-base" ./cmd/policyd)
-git worktree remove --force "$work/base"
 write_config "$work/config"
 
-url=memory
+base_url=memory new_url=memory
 if [ "$store" = redis ]; then
+	# One server, a database each: neither meets the other's records.
 	start_redis
-	url=redis://127.0.0.1:$redis_port/0
+	base_url=redis://127.0.0.1:$redis_port/0 new_url=redis://127.0.0.1:$redis_port/1
 fi
-pd_bin=$work/policyd-base start_policyd "$url"
+pd_bin=$work/policyd-base start_policyd "$base_url"
 base_policy=$pd_policy
-pd_bin=$work/policyd-new start_policyd "$url"
+pd_bin=$work/policyd-new start_policyd "$new_url"
 new_policy=$pd_policy
 
+# run NAME ARGS...: one policyload run; its rate and p99 in $work/NAME.
+# A failed run stops the script (set -e), never reads as a zero rate.
 run() {
 	local name=$1
 	shift
 	# shellcheck disable=SC2086 # the profile's flags, split on purpose
 	"$work/policyload" -clients 1000 -c 16 -duration "$dur" -json $args "$@" >"$work/$name.json"
-	jq -r '"\(.rate | floor) \(.latency.p99_us)"' "$work/$name.json"
+	jq -er '"\(.rate | floor) \(.latency.p99_us)"' "$work/$name.json" >"$work/$name"
 }
 printf '%-6s %10s %10s %10s %8s %8s\n' round base new noop base× new×
 for r in $(seq "$rounds"); do
-	read -r b bp < <(run "base$r" -proto policy -addr "$base_policy")
-	read -r n np < <(run "new$r" -proto policy -addr "$new_policy")
-	read -r z zp < <(run "noop$r" -proto policy -baseline)
+	run "base$r" -proto policy -addr "$base_policy"
+	run "new$r" -proto policy -addr "$new_policy"
+	run "noop$r" -proto policy -baseline
+	read -r b bp <"$work/base$r"
+	read -r n np <"$work/new$r"
+	read -r z zp <"$work/noop$r"
 	printf '%-6s %10s %10s %10s %8s %8s   p99 µs: %s %s %s\n' "$r" "$b" "$n" "$z" "$(ratio "$b" "$z")" "$(ratio "$n" "$z")" "$bp" "$np" "$zp"
 done

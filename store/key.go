@@ -427,6 +427,9 @@ func (p part) appendTo(b []byte) []byte {
 	switch {
 	case p.s != "":
 		return append(b, p.s...)
+	case !p.n.IsValid():
+		// No rule passes one; written as before, never silently dropped.
+		return append(b, p.n.String()...)
 	case p.addr:
 		return p.n.Addr().AppendTo(b)
 	}
@@ -458,31 +461,31 @@ func (k Keys) IPv6Prefix() int { return k.v6bits }
 
 // Client is the key of a record about client a: "policyd:{a}:rule:words".
 func (k Keys) Client(a netip.Addr, words ...string) string {
-	return k.build(clientPart(a, k.v6bits), words, part{})
+	return k.build(clientPart(a, k.v6bits), words, nil)
 }
 
 // Net is the key of a record about network n, under network tag: what
 // client_stats keeps of a client's /24 under its /8 ("…:@10.1.2.0/24").
 func (k Keys) Net(tag, n netip.Prefix, words ...string) string {
-	return k.build(part{n: tag}, words, part{n: n})
+	return k.build(part{n: tag}, words, &part{n: n})
 }
 
 // Under is the key of a record filed under network tag without being
 // about it alone (greylisting's triplets of one network).
 func (k Keys) Under(tag netip.Prefix, words ...string) string {
-	return k.build(part{n: tag}, words, part{})
+	return k.build(part{n: tag}, words, nil)
 }
 
 // Any is the key of a record about nobody in particular.
 func (k Keys) Any(words ...string) string {
-	return k.build(part{s: Any}, words, part{})
+	return k.build(part{s: Any}, words, nil)
 }
 
 // Value is the key of a record about a value of an attribute: a SASL
 // login, a sender ("policyd:{sasl_username=alice}:ratelimit:messages").
 // attr must be a WORD; value is any text.
 func (k Keys) Value(attr, value string, words ...string) string {
-	return k.build(part{s: ValueSeg(attr, value)}, words, part{})
+	return k.build(part{s: ValueSeg(attr, value)}, words, nil)
 }
 
 // ValueSeg is attr=value as a segment, for a key with several values
@@ -495,8 +498,8 @@ func ValueSeg(attr, value string) string {
 }
 
 // build writes the key in a buffer on the stack: one allocation, the
-// key itself. last, when set, is the @NET segment.
-func (k Keys) build(tag part, words []string, last part) string {
+// key itself. last, when not nil, is the @NET segment.
+func (k Keys) build(tag part, words []string, last *part) string {
 	var buf [128]byte
 	b := append(buf[:0], Prefix...)
 	b = append(b, '{')
@@ -515,7 +518,7 @@ func (k Keys) build(tag part, words []string, last part) string {
 		b = append(b, ':')
 		b = append(b, w...)
 	}
-	if last.n.IsValid() {
+	if last != nil {
 		b = append(b, ":@"...)
 		b = last.appendTo(b)
 	}

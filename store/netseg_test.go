@@ -2,6 +2,7 @@ package store
 
 import (
 	"math/rand/v2"
+	"net/netip"
 	"strings"
 	"testing"
 )
@@ -45,4 +46,20 @@ func FuzzParseNetSeg(f *testing.F) {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) { checkNetSeg(t, s) })
+}
+
+// A prefix no rule passes is written as before, never dropped: a key
+// about an invalid network must not become another key.
+func TestKeysWriteInvalidPrefixes(t *testing.T) {
+	k := NewKeys("client_stats", 64)
+	tag := netip.MustParsePrefix("10.0.0.0/8")
+	if got, want := k.Net(tag, netip.Prefix{}), "policyd:{10.0.0.0/8}:client_stats:@invalid Prefix"; got != want {
+		t.Errorf("Net with an invalid network = %q, want %q", got, want)
+	}
+	if got, want := k.Under(netip.Prefix{}, "x"), "policyd:{invalid Prefix}:client_stats:x"; got != want {
+		t.Errorf("Under an invalid tag = %q, want %q", got, want)
+	}
+	if got, want := k.Net(tag, netip.MustParsePrefix("10.1.2.0/24")), "policyd:{10.0.0.0/8}:client_stats:@10.1.2.0/24"; got != want {
+		t.Errorf("Net = %q, want %q", got, want)
+	}
 }

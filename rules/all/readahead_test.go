@@ -50,31 +50,55 @@ func (g *gate) HGet(ctx context.Context, keys ...string) ([]map[string]int64, er
 
 // With read-ahead the connect hook's three store calls (the counter of
 // connection_shaper, the reads of client_stats and deny_repeat_offenders)
-// are all in flight before any answers: on Redis the session start
-// waits for one round trip, not three. Without it, the chain would hold
-// here with one call in flight, and the test fails.
+// are all in flight before any answers, and they are all it makes: on
+// Redis the session start waits for one round trip, not three. Without
+// it, one call at a time is in flight and the test fails.
 func TestReadAheadSendsConnectReadsTogether(t *testing.T) {
 	g := &gate{Store: memory.New(memory.Options{SweepInterval: -1}), arrived: make(chan string), release: make(chan struct{})}
 	h := rulestest.NewWith(t, readAheadChain, readAheadFiles, rulestest.Options{Store: g, ReadAhead: true})
-	done := make(chan rules.Decision)
+	done := make(chan rules.Decision, 1)
 	go func() {
 		_, d := h.Connect("192.0.2.1")
 		done <- d
 	}()
-	var inFlight []string
-	for len(inFlight) < 3 {
+	var calls []string
+	held, together := 0, false
+	timeout := time.After(10 * time.Second)
+	for {
 		select {
 		case op := <-g.arrived:
-			inFlight = append(inFlight, op)
-		case <-time.After(10 * time.Second):
-			t.Fatalf("only %v in flight at once; want the counter and both reads", inFlight)
+			calls = append(calls, op)
+			held++
+			if held == 3 {
+				together = true
+			}
+			if together || len(calls) > 3 {
+				for ; held > 0; held-- {
+					g.release <- struct{}{}
+				}
+			}
+			continue
+		case <-timeout:
+			// Let the hook finish, one call at a time, then fail.
+			for ; held > 0; held-- {
+				g.release <- struct{}{}
+			}
+			go func() {
+				for range g.arrived {
+					g.release <- struct{}{}
+				}
+			}()
+			<-done
+			t.Fatalf("only %v in flight at once; want the counter and both reads", calls)
+		case d := <-done:
+			if d.Code != rules.Declined {
+				t.Fatalf("connect: %v %s", d.Code, d.Text)
+			}
 		}
+		break
 	}
-	for range inFlight {
-		g.release <- struct{}{}
-	}
-	if d := <-done; d.Code != rules.Declined {
-		t.Fatalf("connect: %v %s", d.Code, d.Text)
+	if !together || len(calls) != 3 {
+		t.Fatalf("store calls %v (three at once: %v); want the counter and both reads, once each, together", calls, together)
 	}
 }
 
@@ -139,6 +163,30 @@ func TestReadAheadDecidesAlike(t *testing.T) {
 			})
 		}
 	}
+	// A global trial: hosts_allow's would-be refusal does not end the
+	// connect hook, and client_stats' and deny_repeat_offenders'
+	// observers write the records the rules after it read. The rules
+	// must see those writes, as they do without read-ahead.
+	const trialChain = "hosts_allow max_conn_ip 0\nclient_stats\ndeny_repeat_offenders threshold 1\n"
+	trialFiles := map[string]string{"hosts_allow": "net 192.0.2.0/24 DENY go away\n"}
+	for name, open := range stores {
+		t.Run("dry-run/"+name, func(t *testing.T) {
+			var got [2]int64
+			for j, ahead := range []bool{false, true} {
+				h := rulestest.NewWith(t, trialChain, trialFiles, rulestest.Options{Store: open(t), ReadAhead: ahead, DryRun: true})
+				s, d := h.Connect("192.0.2.7")
+				if d.Code != rules.Deny || !d.DryRun {
+					t.Fatalf("read-ahead %v: %v (dry run %v), want a would-be DENY", ahead, d.Code, d.DryRun)
+				}
+				stats, _ := s.Notes.Get(clientstats.NoteKey).(clientstats.Stats)
+				got[j] = stats.Permfail
+			}
+			if got != [2]int64{1, 1} {
+				t.Fatalf("client_stats saw %d refusals without read-ahead, %d with it; want the one just counted", got[0], got[1])
+			}
+		})
+	}
+
 	down := memory.New(memory.Options{SweepInterval: -1})
 	down.Close()
 	for _, ahead := range []bool{false, true} {
