@@ -217,10 +217,15 @@ func (s *Server) serveConn(c *listen.Conn) {
 	remote := c.RemoteAddr().String()
 	born := c.Born
 	inRequest := false
+	// Asked once a connection: the call's arguments would otherwise be
+	// built for every request at any level.
+	debug := s.log.Enabled(context.Background(), slog.LevelDebug)
 	rd := newReader(c, s.cfg.Limits, func() {
 		inRequest = true
 		c.SetBusy(true)
-		s.log.Debug("policy request started", "remote", remote)
+		if debug {
+			s.log.Debug("policy request started", "remote", remote)
+		}
 		_ = c.SetReadDeadline(time.Now().Add(s.cfg.RequestTimeout))
 	})
 	bw := bufio.NewWriterSize(c, 512)
