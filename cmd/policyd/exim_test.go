@@ -112,7 +112,12 @@ end`), 0o644)
 		{"Exim's own relay check still applies", "127.0.0.34.40007", "a@example.org", "u@elsewhere.example", "550 relay not permitted"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			out := conf.BH(t, tc.client, dialogue(tc.from, tc.to))
+			out, trace := conf.BHTrace(t, tc.client, dialogue(tc.from, tc.to))
+			// host_lookup is unset: the ACLs must not look the client's
+			// name up themselves (a reverse DNS query every session).
+			if strings.Contains(trace, "looking up host name") {
+				t.Errorf("the ACLs looked up the client's name with host_lookup unset:\n%s", trace)
+			}
 			var rcpt string
 			lines := strings.Split(out, "\n")
 			for i, l := range lines {
@@ -126,5 +131,36 @@ end`), 0o644)
 				t.Fatalf("RCPT answered %q, want %q\n%s", rcpt, tc.want, out)
 			}
 		})
+	}
+}
+
+// The client's name reaches policyd when Exim verified one (-oMs stands
+// for host_lookup's answer): greylisting's whitelist_client_name lets
+// such a client through and defers one of another name, and a client
+// without a name is "unknown" to it, never looked up by the ACL.
+func TestEximSendsVerifiedName(t *testing.T) {
+	cfg := t.TempDir()
+	os.WriteFile(filepath.Join(cfg, "plugins"), []byte("greylisting whitelist_client_name example.org\n"), 0o644)
+	d := startDaemon(t, "--config", cfg)
+	conf := testmta.NewEximConf(t, eximOptions(t, d.policy))
+	for _, tc := range []struct {
+		client, name, want string
+	}{
+		{"127.0.0.51.40001", "mx1.example.org", "250 Accepted"},
+		{"127.0.0.52.40002", "a.rather.long.name.of.a.host.that.folds.the.received.line.example.org", "250 Accepted"},
+		{"127.0.0.53.40003", "mx.example.net", "450 4.7.1"},
+	} {
+		out := conf.BS(t, tc.client, tc.name, "EHLO client.example\nMAIL FROM:<a@example.com>\nRCPT TO:<u@example.test>\nQUIT")
+		lines := strings.Split(out, "\n")
+		var rcpt string
+		for i, l := range lines {
+			if l == "250 OK" && i+1 < len(lines) {
+				rcpt = lines[i+1]
+				break
+			}
+		}
+		if !strings.HasPrefix(rcpt, tc.want) {
+			t.Errorf("RCPT from %s (%s) answered %q, want %s\n%s", tc.client, tc.name, rcpt, tc.want, out)
+		}
 	}
 }

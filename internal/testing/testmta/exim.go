@@ -199,7 +199,29 @@ func eximConfig(c *EximConf, o EximOptions) string {
 // (CRLFs added), the result Exim's side.
 func (c *EximConf) BH(t testing.TB, client, smtp string) string {
 	t.Helper()
-	cmd := exec.Command(c.bin, "-C", c.confPath(), "-bh", client)
+	out, _ := c.BHTrace(t, client, smtp)
+	return out
+}
+
+// BHTrace is BH with Exim's trace of the dialogue (its ">>>" lines on
+// standard error: ACL steps, host lookups).
+func (c *EximConf) BHTrace(t testing.TB, client, smtp string) (replies, trace string) {
+	t.Helper()
+	return c.dialogue(t, smtp, "-bh", client)
+}
+
+// BS runs one SMTP dialogue through Exim for real (`exim -bs`, no
+// daemon), as if from client ("IP.PORT") whose name Exim verified as
+// name: what `host_lookup` would have found, without DNS.
+func (c *EximConf) BS(t testing.TB, client, name, smtp string) string {
+	t.Helper()
+	out, _ := c.dialogue(t, smtp, "-bs", "-oMa", client, "-oMs", name)
+	return out
+}
+
+func (c *EximConf) dialogue(t testing.TB, smtp string, args ...string) (replies, trace string) {
+	t.Helper()
+	cmd := exec.Command(c.bin, append([]string{"-C", c.confPath()}, args...)...)
 	cmd.Dir = c.dir
 	cmd.Env = []string{"PATH=/usr/sbin:/usr/bin:/sbin:/bin", "LANG=C", "TZ=UTC"}
 	cmd.Stdin = strings.NewReader(strings.ReplaceAll(strings.TrimRight(smtp, "\n")+"\n", "\n", "\r\n"))
@@ -207,18 +229,18 @@ func (c *EximConf) BH(t testing.TB, client, smtp string) string {
 	cmd.Stdout, cmd.Stderr = &out, &errb
 	done := make(chan error, 1)
 	if err := cmd.Start(); err != nil {
-		t.Fatalf("testmta: exim -bh: %v", err)
+		t.Fatalf("testmta: exim %s: %v", args[0], err)
 	}
 	go func() { done <- cmd.Wait() }()
 	select {
 	case err := <-done:
 		if err != nil && out.Len() == 0 {
-			t.Fatalf("testmta: exim -bh: %v\n%s", err, testsync.Tail(errb.String(), 30))
+			t.Fatalf("testmta: exim %s: %v\n%s", args[0], err, testsync.Tail(errb.String(), 30))
 		}
 	case <-time.After(30 * time.Second):
 		_ = cmd.Process.Kill()
 		<-done
-		t.Fatalf("testmta: exim -bh did not finish within 30s\n%s", testsync.Tail(errb.String(), 30))
+		t.Fatalf("testmta: exim %s did not finish within 30s\n%s", args[0], testsync.Tail(errb.String(), 30))
 	}
 	var lines []string
 	for _, l := range strings.Split(out.String(), "\n") {
@@ -228,7 +250,7 @@ func (c *EximConf) BH(t testing.TB, client, smtp string) string {
 		}
 		lines = append(lines, l)
 	}
-	return strings.Join(lines, "\n")
+	return strings.Join(lines, "\n"), errb.String()
 }
 
 // StartExim starts a private Exim daemon on a free port of 127.0.0.1 with
