@@ -254,12 +254,19 @@ func field(s, name string) (string, bool) {
 	return v[:j], true
 }
 
-func (r *Rebuilder) qmgr(e Entry) {
+// queued is the message a "QUEUEID: prefix…" line of host e.Host is
+// about, with the text after the queue id; nil for another line or a
+// message whose session was not seen.
+func (r *Rebuilder) queued(e Entry, prefix string) (*Message, string) {
 	qid, rest, ok := strings.Cut(e.Msg, ": ")
-	if !ok || !strings.HasPrefix(rest, "from=<") {
-		return
+	if !ok || !strings.HasPrefix(rest, prefix) {
+		return nil, ""
 	}
-	msg := r.byQID[e.Host+"/"+qid]
+	return r.byQID[e.Host+"/"+qid], rest
+}
+
+func (r *Rebuilder) qmgr(e Entry) {
+	msg, rest := r.queued(e, "from=<")
 	if msg == nil {
 		return
 	}
@@ -274,11 +281,7 @@ func (r *Rebuilder) qmgr(e Entry) {
 }
 
 func (r *Rebuilder) delivery(e Entry) {
-	qid, rest, ok := strings.Cut(e.Msg, ": ")
-	if !ok || !strings.HasPrefix(rest, "to=<") {
-		return
-	}
-	msg := r.byQID[e.Host+"/"+qid]
+	msg, rest := r.queued(e, "to=<")
 	if msg == nil {
 		return
 	}

@@ -199,7 +199,7 @@ func eximConfig(c *EximConf, o EximOptions) string {
 // (CRLFs added), the result Exim's side.
 func (c *EximConf) BH(t testing.TB, client, smtp string) string {
 	t.Helper()
-	out, _ := c.BHTrace(t, client, smtp)
+	out, _ := c.dialogue(t, smtp, "-bh", client)
 	return out
 }
 
